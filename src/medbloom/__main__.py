@@ -1,0 +1,5 @@
+import sys
+
+from medbloom.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""The ``medbloom`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medbloom import __version__
+from medbloom.config import ExperimentConfig, load_config_file
+from medbloom.errors import MedbloomError
+
+EPILOG = "Errors you can fix exit with code 2 and a one-line message."
+
+
+def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    for f in ExperimentConfig.knobs():
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        choices = f.metadata.get("choices")
+        p.add_argument(
+            f"--{ExperimentConfig.flag(f.name)}",
+            dest=f.name,
+            type={"int": int, "float": float, "str": str}[kind],
+            default=None,
+            metavar=None if choices else kind.upper(),
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Defaults < --config file < flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(
+            {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+        )
+    for f in ExperimentConfig.knobs():
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return ExperimentConfig.from_mapping(values, args.config or "command line").validate()
+
+
+class Progress:
+    """One line per round: where the run is, its latest and best scores, time left."""
+
+    def __init__(self, rounds: int, stream: Any = sys.stdout) -> None:
+        self.rounds = rounds
+        self.stream = stream
+        self.t0 = time.monotonic()
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        r = int(row["round"])
+        elapsed = time.monotonic() - self.t0
+        left = ""
+        if r > 0:
+            per_round = row["elapsed_seconds"] / r
+            left = f"  {per_round:5.1f} s/round  ~{_duration(per_round * (self.rounds - r))} left"
+        best = row.get("best") or {}
+        print(
+            f"round {r:>3}/{self.rounds}  acc {row['accuracy']:.4f}  auc {row['auc']:.4f}"
+            f"  val auc {row['val_auc']:.4f}"
+            + (f"  best val auc {best['val_auc']:.4f} (round {best['round']})" if best else "")
+            + f"  [{_duration(elapsed)}]{left}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from medbloom.experiment import prepare_run
+    from medbloom.federation.simulation import run_simulation
+
+    cfg = config_from_args(args)
+    run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
+    cfg = cfg.replace(out=str(run_dir))
+    print(f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
+          f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds")
+    print(f"run directory: {run_dir}", flush=True)
+    _quiet_flower()
+    run_simulation(cfg, run_dir, Progress(cfg.rounds))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    _print_summary(summary, run_dir)
+    return 0 if summary["status"] == "finished" else 1
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    final, best = summary.get("final") or {}, summary.get("best") or {}
+    print(f"finished in {_duration(summary['wall_seconds'])}: final test acc "
+          f"{final.get('accuracy', float('nan')):.4f} auc {final.get('auc', float('nan')):.4f}; "
+          f"best by val auc (round {best.get('round')}): test acc "
+          f"{best.get('accuracy', float('nan')):.4f} auc {best.get('auc', float('nan')):.4f}")
+    for name, ref in (summary.get("benchmark") or {}).items():
+        print(f"  published {name} (centralized): acc {ref['acc']:.3f} auc {ref['auc']:.3f}")
+    print(f"results in {run_dir}")
+
+
+def _quiet_flower() -> None:
+    """Flower logs every message at INFO; the run's log file keeps them, the console need not."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    for h in FLOWER_LOGGER.handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from medbloom.data import medmnist
+    from medbloom.data.registry import dataset_names, spec_of
+
+    if args.data_cmd == "list":
+        root = medmnist.resolve_data_root(args.data_dir)
+        print(f"data root: {root}")
+        print(f"{'name':<16} {'dims':<4} {'task':<26} {'classes':>7}  {'sizes':<14} on disk")
+        for name in dataset_names():
+            spec = spec_of(name, 28)
+            have = [str(s) for s in medmnist.sizes(name) if medmnist.file_path(name, s, root).is_file()]
+            print(f"{name:<16} {spec.spatial_dims}D   {spec.task:<26} {spec.num_classes:>7}  "
+                  f"{','.join(map(str, medmnist.sizes(name))):<14} {','.join(have) or '-'}")
+        return 0
+    if args.data_cmd == "fetch":
+        path = medmnist.fetch(args.dataset, args.size, args.data_dir)
+        spec = spec_of(args.dataset, args.size)
+        medmnist.load_file(path, spec)
+        print(f"{path}: OK (MD5 and contents checked)")
+        return 0
+    # partition
+    from medbloom.data.partition import label_counts
+    from medbloom.experiment import load_splits, partitions_for
+
+    cfg = config_from_args(args)
+    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    names = splits.spec.class_names
+    width = max(8, *(len(n) for n in names))
+    print(f"{cfg.dataset}: {cfg.partition} partition of {len(splits.train)} training samples "
+          f"across {cfg.num_clients} clients (seed {cfg.seed})")
+    print(f"{'client':>6} {'train':>6} {'val':>5}  " + " ".join(f"{n[:width]:>{width}}" for n in names))
+    for p in partitions_for(cfg):
+        counts = label_counts(splits.train.labels[p.train], len(names))
+        print(f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
+              + " ".join(f"{c:>{width}}" for c in counts))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from medbloom.models import MODELS
+
+    for entry in MODELS.values():
+        print(f"{entry.name:<10} {entry.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medbloom",
+        description="Federated learning for medical image classification on Flower and PyTorch.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"medbloom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment on Flower's simulation engine", epilog=EPILOG)
+    _add_experiment_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="list, fetch and partition data sets")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    lst = dsub.add_parser("list", help="every data set, and which files are on disk")
+    lst.add_argument("--data-dir", default=None)
+    fetch = dsub.add_parser("fetch", help="download a data set (MD5-checked) into the data root")
+    fetch.add_argument("dataset")
+    fetch.add_argument("--size", type=int, default=28)
+    fetch.add_argument("--data-dir", default=None)
+    part = dsub.add_parser("partition", help="print each client's label counts for a partition")
+    _add_experiment_flags(part)
+    data.set_defaults(func=cmd_data)
+
+    models = sub.add_parser("models", help="list the models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MedbloomError as exc:
+        print(f"medbloom: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medbloom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""One typed, validated experiment config: every knob has one name.
+
+The same name is used everywhere: ``--num-clients`` on the command line,
+``num-clients`` in ``[tool.flwr.app.config]`` and in ``flwr run -c``, and
+``num_clients`` in Python and in ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medbloom.errors import ConfigError
+
+PARTITIONS = ("iid", "dirichlet", "pathological")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+CLASS_WEIGHTINGS = ("balanced", "none")
+
+
+def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one federated experiment, with its default."""
+
+    dataset: str = _knob("pneumoniamnist", "data set name (see `medbloom data list`)")
+    size: int = _knob(28, "MedMNIST image size: 28, 64, 128 or 224 (3D sets: 28 or 64)")
+    data_dir: str = _knob(
+        "", "data root; empty: $MEDBLOOM_DATA_DIR, else the user cache directory"
+    )
+    num_clients: int = _knob(10, "number of hospitals (clients)")
+    rounds: int = _knob(20, "federated rounds")
+    partition: str = _knob("dirichlet", "how training data is split across clients", PARTITIONS)
+    alpha: float = _knob(0.5, "Dirichlet concentration (smaller: more skewed)")
+    classes_per_client: int = _knob(2, "classes each client holds (pathological partition)")
+    min_partition_size: int = _knob(10, "fewest training samples any client may get")
+    local_val_fraction: float = _knob(
+        0.1, "share of each client's partition kept for local validation"
+    )
+    model: str = _knob("cnn", "model name (see `medbloom models`)")
+    strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
+    local_epochs: int = _knob(2, "local epochs per round on each client")
+    batch_size: int = _knob(32, "local training batch size")
+    lr: float = _knob(0.001, "client learning rate")
+    optimizer: str = _knob("adam", "client optimizer", OPTIMIZERS)
+    weight_decay: float = _knob(0.0, "client weight decay")
+    class_weighting: str = _knob(
+        "balanced", "loss weights per class from the client's label counts", CLASS_WEIGHTINGS
+    )
+    fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
+    proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
+    server_lr: float = _knob(
+        0.0, "server learning rate; 0: the strategy's default (fedadam/fedyogi 0.01, fedavgm 1.0)"
+    )
+    server_momentum: float = _knob(0.9, "server momentum (fedavgm)")
+    trimmed_beta: float = _knob(0.2, "fraction trimmed at each end (fedtrimmedavg)")
+    round_timeout: float = _knob(600.0, "seconds to wait for client replies in a round")
+    seed: int = _knob(42, "seed for partitions, model initialisation and training")
+    device: str = _knob("auto", "where training runs", DEVICES)
+    out: str = _knob("", "run directory; empty: runs/<time>-<dataset>-<strategy>")
+
+    # ------------------------------------------------------------------ names
+    @staticmethod
+    def knobs() -> tuple[dataclasses.Field[Any], ...]:
+        """The dataclass fields, in declaration order."""
+        return dataclasses.fields(ExperimentConfig)
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The kebab-case name of a knob (``num_clients`` -> ``num-clients``)."""
+        return name.replace("_", "-")
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> ExperimentConfig:
+        """Check every value; raise :class:`ConfigError` naming the flag on the first bad one."""
+        for f in self.knobs():
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"--{self.flag(f.name)} {value!r} is unknown: expected one of "
+                    + ", ".join(choices)
+                )
+        checks: list[tuple[bool, str, str]] = [
+            (self.num_clients >= 1, "num_clients", "an integer >= 1"),
+            (self.rounds >= 1, "rounds", "an integer >= 1"),
+            (_finite(self.alpha) and self.alpha > 0, "alpha", "a number > 0"),
+            (self.classes_per_client >= 1, "classes_per_client", "an integer >= 1"),
+            (self.min_partition_size >= 1, "min_partition_size", "an integer >= 1"),
+            (
+                0 <= self.local_val_fraction < 1,
+                "local_val_fraction",
+                "a fraction in [0, 1)",
+            ),
+            (self.local_epochs >= 1, "local_epochs", "an integer >= 1"),
+            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (_finite(self.lr) and self.lr > 0, "lr", "a number > 0"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (
+                _finite(self.fraction_train) and 0 < self.fraction_train <= 1,
+                "fraction_train",
+                "a fraction in (0, 1]",
+            ),
+            (_finite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", ">= 0"),
+            (_finite(self.server_lr) and self.server_lr >= 0, "server_lr", "a number >= 0"),
+            (
+                _finite(self.server_momentum) and 0 <= self.server_momentum < 1,
+                "server_momentum",
+                "a number in [0, 1)",
+            ),
+            (0 <= self.trimmed_beta < 0.5, "trimmed_beta", "a fraction in [0, 0.5)"),
+            (self.round_timeout > 0, "round_timeout", "a number of seconds > 0"),
+            (self.size >= 1, "size", "28, 64, 128 or 224"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(
+                    f"--{self.flag(name)} {getattr(self, name)!r} is out of range: "
+                    f"expected {expected}"
+                )
+        return self
+
+    # ------------------------------------------------------------ conversions
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+        """Build from kebab- or snake-case keys; unknown keys and wrong types are errors."""
+        known = {f.name: f for f in cls.knobs()}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"{source}: unknown setting {key!r}; known settings: "
+                    + ", ".join(cls.flag(n) for n in known)
+                )
+            kwargs[name] = _coerce(known[name], raw, source)
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case mapping, as Flower's ``run_config`` and ``config.json`` carry it."""
+        return {self.flag(f.name): getattr(self, f.name) for f in self.knobs()}
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some knobs changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(float(x))
+
+
+_CASTS: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str}
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    flag = ExperimentConfig.flag(f.name)
+    if kind == "int":
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ConfigError(f"{source}: {flag} = {raw!r} is not an integer")
+    if kind == "str" and not isinstance(raw, str):
+        raise ConfigError(f"{source}: {flag} = {raw!r} is not a string")
+    try:
+        return _CASTS[kind](raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {flag} = {raw!r} is not a valid {kind}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read experiment settings from a TOML or JSON file.
+
+    A TOML file may hold the settings at top level or under
+    ``[tool.flwr.app.config]`` (so ``pyproject.toml`` itself works); a JSON file
+    may be a ``config.json`` written by an earlier run.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data: dict[str, Any] = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {p}: not valid {p.suffix.lstrip('.') or 'TOML'}: {exc}")
+    if isinstance(data.get("tool"), dict):
+        data = data["tool"].get("flwr", {}).get("app", {}).get("config", {})
+    elif isinstance(data.get("config"), dict):
+        data = data["config"]
+    return data

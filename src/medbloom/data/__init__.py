@@ -1,0 +1,1 @@
+"""Data: MedMNIST files, partitions across hospitals, and the plain values they produce."""

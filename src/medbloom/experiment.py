@@ -1,0 +1,169 @@
+"""What both sides of a federation derive from the config: data, partitions, models.
+
+Everything here is deterministic in the config, so the server and every client
+(each in its own process, possibly on its own machine) compute the same partition
+map without exchanging it. Results are cached per process: a Flower client
+process loads and partitions its data once, not once per round.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medbloom.config import ExperimentConfig
+from medbloom.data import partition as part
+from medbloom.data.registry import load_dataset, spec_of
+from medbloom.data.types import DatasetSpec, ImageSet, Splits
+from medbloom.models import build_model
+from medbloom.federation.strategies import build_strategy
+from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
+from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
+
+
+@lru_cache(maxsize=2)
+def load_splits(dataset: str, size: int, data_dir: str) -> Splits:
+    return load_dataset(dataset, size, data_dir or None)
+
+
+def partitions_for(cfg: ExperimentConfig) -> list[part.ClientPartition]:
+    """The partition of the training set across clients (seeded, so the same everywhere)."""
+    return _partitions(
+        cfg.dataset,
+        cfg.size,
+        cfg.data_dir,
+        cfg.partition,
+        cfg.num_clients,
+        cfg.alpha,
+        cfg.classes_per_client,
+        cfg.min_partition_size,
+        cfg.local_val_fraction,
+        cfg.seed,
+    )
+
+
+@lru_cache(maxsize=2)
+def _partitions(
+    dataset: str,
+    size: int,
+    data_dir: str,
+    method: str,
+    num_clients: int,
+    alpha: float,
+    classes_per_client: int,
+    min_partition_size: int,
+    local_val_fraction: float,
+    seed: int,
+) -> list[part.ClientPartition]:
+    splits = load_splits(dataset, size, data_dir)
+    return part.make_partitions(
+        splits.train.labels,
+        method,
+        num_clients,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        min_partition_size=min_partition_size,
+        local_val_fraction=local_val_fraction,
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A split as ready-to-use tensors (normalised once), with its numpy labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, s: ImageSet) -> TensorSplit:
+        return cls(to_tensor(s.images), labels_tensor(s.labels, s.task), s.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    spec: DatasetSpec
+    train: TensorSplit
+    val: TensorSplit
+    weights: torch.Tensor | None
+
+
+@lru_cache(maxsize=2)
+def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """One client's local train and validation tensors and its loss weights."""
+    if num_partitions != cfg.num_clients:
+        raise ValueError(
+            f"this node is one of {num_partitions} partitions but num-clients is "
+            f"{cfg.num_clients}: set the federation's num-supernodes to num-clients"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    p = partitions_for(cfg)[partition_id]
+    train, val = splits.train.subset(p.train), splits.train.subset(p.val)
+    weights = class_weights(train.labels, splits.spec.num_classes, cfg.class_weighting)
+    return ClientData(splits.spec, TensorSplit.of(train), TensorSplit.of(val), weights)
+
+
+@lru_cache(maxsize=2)
+def server_data(cfg: ExperimentConfig) -> tuple[DatasetSpec, TensorSplit, TensorSplit]:
+    """The held-out splits the server evaluates on: validation and test."""
+    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    return splits.spec, TensorSplit.of(splits.val), TensorSplit.of(splits.test)
+
+
+def initial_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
+    """The global model of round 0, seeded so every run with this seed starts alike."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model, spec)
+
+
+def spec_summary(spec: DatasetSpec) -> dict[str, Any]:
+    return {
+        "task": spec.task,
+        "class_names": list(spec.class_names),
+        "image_size": spec.image_size,
+        "in_channels": spec.in_channels,
+        "spatial_dims": spec.spatial_dims,
+        "benchmark": spec.benchmark,
+        "benchmark_source": "MedMNIST v2 (Yang et al., Scientific Data 2023), centralized training"
+        if spec.benchmark
+        else None,
+    }
+
+
+def prepare_run(
+    cfg: ExperimentConfig, argv: list[str] | None = None, runs_root: str | os.PathLike[str] = "runs"
+) -> Path:
+    """Validate everything a run needs, then create its directory.
+
+    Bad settings, a missing or corrupt data file, an impossible partition or an
+    unwritable output all fail here, before anything is written.
+    """
+    cfg.validate()
+    spec_of(cfg.dataset, cfg.size)
+    build_model(cfg.model, spec_of(cfg.dataset, cfg.size))
+    build_strategy(cfg)
+    resolve_device(cfg.device)
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
+    out = out.expanduser().absolute()
+    check_writable(out)
+    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    parts = partitions_for(cfg)
+    pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
+    resolved = cfg.replace(out=str(out))
+    return create_run_dir(
+        out, {"config.json": run_info(resolved, argv), "partitions.json": pmap}
+    )

@@ -1,0 +1,1 @@
+"""Flower side: the ClientApp, the ServerApp and the strategies by name."""

@@ -1,0 +1,111 @@
+"""The ClientApp: one hospital trains the global model on its own data and replies with
+weights and metrics only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from medbloom.config import ExperimentConfig
+from medbloom.data.types import DatasetSpec
+from medbloom.experiment import client_data
+from medbloom.metrics import medmnist_acc
+from medbloom.models import build_model
+from medbloom.training import (
+    load_arrays,
+    predict,
+    resolve_device,
+    set_threads,
+    state_arrays,
+    train_local,
+)
+
+
+_MODELS: dict[tuple[str, str, int], nn.Module] = {}
+
+
+def _model(name: str, spec: DatasetSpec) -> nn.Module:
+    # Built once per process and overwritten with the global weights each round.
+    key = (name, spec.name, spec.image_size)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(name, spec)
+    return _MODELS[key]
+
+
+def node_config_of(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> tuple[ExperimentConfig, int, int]:
+    """The experiment as this node sees it: its partition and, if set, its own data root."""
+    if "partition-id" not in node_config:
+        raise ValueError("node config has no partition-id: start the node with --node-config")
+    pid = int(node_config["partition-id"])
+    num = int(node_config.get("num-partitions", cfg.num_clients))
+    if node_config.get("data-dir"):
+        cfg = cfg.replace(data_dir=str(node_config["data-dir"]))
+    return cfg, pid, num
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (run, round, client), whichever process trains it."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+
+
+def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """Train on this node's partition and reply with weights, metrics and ``num-examples``."""
+    started = time.perf_counter()
+    set_threads()
+    cfg, pid, num = node_config_of(cfg, context.node_config)
+    data = client_data(cfg, pid, num)
+    model = _model(cfg.model, data.spec)
+    load_arrays(model, msg.content["arrays"].to_torch_state_dict())
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    device = resolve_device(cfg.device)
+    result = train_local(
+        model,
+        data.train.x,
+        data.train.y,
+        task=data.spec.task,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        weights=data.weights,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=client_seed(cfg.seed, server_round, pid),
+        device=device,
+    )
+    metrics: dict[str, float | int] = {
+        "train_loss": result.train_loss,
+        "train_accuracy": result.train_accuracy,
+        "num-examples": result.num_examples,
+        "partition-id": pid,
+    }
+    if len(data.val):
+        probs, _ = predict(model, data.val.x, None, data.spec.task, device=device)
+        metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
+    metrics["seconds"] = time.perf_counter() - started
+    content = RecordDict(
+        {"arrays": ArrayRecord(state_arrays(model)), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
+    """A ClientApp; with ``cfg`` it ignores the run config (used by ``medbloom run``)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
+        return train_on_message(msg, context, run_cfg)
+
+    return app
+
+
+# The component `flwr run .` loads (see [tool.flwr.app.components] in pyproject.toml).
+app = make_client_app()

@@ -1,0 +1,53 @@
+"""Run an experiment in this process on Flower's Simulation Engine (Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from medbloom.config import ExperimentConfig
+from medbloom.federation.client_app import make_client_app
+from medbloom.federation.server_app import RoundCallback, make_server_app
+
+
+def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """One CPU per simulated client, so clients train in parallel, one per core."""
+    cpus = os.cpu_count() or 1
+    gpus = 1 if cfg.device in ("cuda", "auto") and _cuda() else 0
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.25 if gpus else 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": True,
+        },
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_simulation(
+    cfg: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None
+) -> None:
+    """Run every round; return when the Simulation Engine and Ray have shut down."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    server = make_server_app(cfg, run_dir, on_round)
+    client = make_client_app(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        flwr_run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,278 @@
+"""The run directory: config, partitions, metrics.csv, clients.csv, summary, checkpoints, logs.
+
+Every file is written to a temporary name and renamed, except the two CSVs, which
+are appended a row at a time and flushed, so a reader (the dashboard, ``tail -f``)
+sees each round as soon as it ends and a crash loses at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medbloom.config import ExperimentConfig
+from medbloom.errors import ConfigError
+
+METRICS_COLUMNS = (
+    "round",
+    "loss",
+    "accuracy",
+    "auc",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_auc",
+    "clients_ok",
+    "clients_failed",
+    "round_seconds",
+    "elapsed_seconds",
+)
+CLIENT_COLUMNS = (
+    "round",
+    "client_id",
+    "node_id",
+    "status",
+    "num_examples",
+    "train_loss",
+    "train_accuracy",
+    "local_val_accuracy",
+    "seconds",
+    "error",
+)
+PACKAGES = ("medbloom", "flwr", "flwr-datasets", "torch", "numpy", "scikit-learn", "medmnist", "ray")
+
+
+def default_run_dir(cfg: ExperimentConfig, root: str | os.PathLike[str] = "runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{stamp}-{cfg.dataset}-{cfg.strategy}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: never a half file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any work, if the run directory cannot be created here."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"--out {path}: already exists and is not an empty directory")
+    parent = path.parent
+    probe_root = parent
+    while not probe_root.exists():
+        probe_root = probe_root.parent
+    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: cannot create it, {probe_root} is not writable")
+
+
+def create_run_dir(path: Path, files: Mapping[str, Any]) -> Path:
+    """Create the run directory with its first JSON files in one step.
+
+    The files are written into a hidden sibling that is renamed into place, so a
+    failure here leaves no half-made run directory behind.
+    """
+    check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot create it: {exc.strerror}") from None
+    try:
+        (staging / "checkpoints").mkdir()
+        (staging / "logs").mkdir()
+        for name, data in files.items():
+            atomic_write_json(staging / name, data)
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+class RunRecorder:
+    """Appends per-round rows and keeps summary.json and checkpoints current."""
+
+    def __init__(self, path: Path, cfg: ExperimentConfig, spec_summary: Mapping[str, Any]) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.spec_summary = dict(spec_summary)
+        self.started = time.time()
+        self.best: dict[str, Any] | None = None
+        self.last: dict[str, Any] | None = None
+        self.rows = 0
+        self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
+        self._clients = self._open_csv("clients.csv", CLIENT_COLUMNS)
+        self.write_summary("running")
+
+    def _open_csv(self, name: str, columns: tuple[str, ...]) -> tuple[Any, csv.DictWriter[str]]:
+        file = self.path / name
+        new = not file.exists()
+        fh = file.open("a", newline="", encoding="utf-8")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+            fh.flush()
+        return fh, writer
+
+    @staticmethod
+    def _append(target: tuple[Any, csv.DictWriter[str]], row: Mapping[str, Any]) -> None:
+        fh, writer = target
+        writer.writerow({k: _fmt(v) for k, v in row.items()})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    def record_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self._append(self._clients, row)
+
+    def record_round(self, row: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
+        """Append one metrics row and refresh checkpoints; return True if it is the new best.
+
+        The best model is the one with the highest validation AUC (ties: the earlier
+        round), as the MedMNIST benchmark selects models on its validation split.
+        """
+        row = dict(row)
+        self._append(self._metrics, row)
+        self.rows += 1
+        self.last = row
+        ckpt = {"round": row["round"], "model": dict(state), "metrics": row, "config": self.cfg.to_run_config()}
+        atomic_torch_save(self.path / "checkpoints" / "latest.pt", ckpt)
+        score = row.get("val_auc")
+        is_best = score is not None and math.isfinite(score) and (
+            self.best is None or score > self.best["val_auc"]
+        )
+        if is_best:
+            self.best = row
+            atomic_torch_save(self.path / "checkpoints" / "best.pt", ckpt)
+        self.write_summary("running")
+        return is_best
+
+    def write_summary(self, status: str, error: str | None = None) -> None:
+        summary: dict[str, Any] = {
+            "status": status,
+            "dataset": self.cfg.dataset,
+            "strategy": self.cfg.strategy,
+            "model": self.cfg.model,
+            "num_clients": self.cfg.num_clients,
+            "rounds_planned": self.cfg.rounds,
+            "rounds_completed": int(self.last["round"]) if self.last else None,
+            "started_at": datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
+            "updated_at": datetime.now().isoformat(timespec="seconds"),
+            "wall_seconds": round(time.time() - self.started, 3),
+            "final": self.last,
+            "best": self.best,
+            "best_by": "val_auc",
+            **self.spec_summary,
+        }
+        if error:
+            summary["error"] = error
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def close(self, status: str, error: str | None = None) -> None:
+        self.write_summary(status, error)
+        for fh, _ in (self._metrics, self._clients):
+            fh.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def attach_log_file(path: Path, level: int = logging.INFO) -> logging.Handler:
+    """Send Flower's and medbloom's log records to a file as well."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("flwr", "medbloom"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > level:
+            logger.setLevel(level)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    for name in ("flwr", "medbloom"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def run_info(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """The content of config.json: enough to reproduce the run."""
+    return {
+        "config": cfg.to_run_config(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "command": argv if argv is not None else sys.argv,
+        "created_at": datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,198 @@
+"""Local training and evaluation loops, and device handling. Knows nothing of Flower."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medbloom.errors import ConfigError
+from medbloom.metrics import MULTI_LABEL
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is unknown: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def set_threads(n: int | None = None) -> None:
+    """One intra-op thread per process unless told otherwise.
+
+    Flower runs one client per CPU in parallel; more threads per client only make
+    them fight over the same cores.
+    """
+    n = n or int(os.environ.get("MEDBLOOM_TORCH_THREADS", "1"))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1], done once per data set, not per batch."""
+    return torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+
+
+def labels_tensor(labels: np.ndarray, task: str) -> torch.Tensor:
+    if task == MULTI_LABEL:
+        return torch.from_numpy(labels.astype(np.float32))
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weights per class from one client's own label counts.
+
+    ``balanced`` weighs each class present by ``n / (k * count)`` (k: classes
+    present), as scikit-learn's ``class_weight='balanced'`` does, capped at 10 so a
+    class with a single local sample cannot dominate the update. For a multi-label
+    task it returns the BCE ``pos_weight`` per label (negatives / positives, capped).
+    """
+    if mode == "none" or len(labels) == 0:
+        return None
+    if labels.ndim == 2:
+        pos = labels.astype(np.float64).sum(axis=0)
+        neg = len(labels) - pos
+        w = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+        return torch.tensor(np.clip(w, 0.1, 10.0), dtype=torch.float32)
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(num_classes)
+    w[present] = len(labels) / (present.sum() * counts[present])
+    return torch.tensor(np.clip(w, 0.1, 10.0), dtype=torch.float32)
+
+
+def loss_function(task: str, weights: torch.Tensor | None = None) -> nn.Module:
+    if task == MULTI_LABEL:
+        return nn.BCEWithLogitsLoss(pos_weight=weights)
+    return nn.CrossEntropyLoss(weight=weights)
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"--optimizer {name!r} is unknown: expected adam or sgd")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_loss: float
+    train_accuracy: float
+    num_examples: int
+    steps: int
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    task: str,
+    epochs: int,
+    batch_size: int,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    weights: torch.Tensor | None = None,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on one client's tensors and return mean loss and accuracy.
+
+    With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` is added,
+    ``w_global`` being the weights the model had on entry.
+    """
+    device = device or torch.device("cpu")
+    model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    criterion = loss_function(task, None if weights is None else weights.to(device))
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    total_loss, total_correct, total_seen, steps = 0.0, 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = criterion(logits, yb)
+            if global_params:
+                prox = sum(
+                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                total_loss += float(loss) * len(idx)
+                total_correct += _correct(logits, yb, task)
+                total_seen += len(idx)
+            steps += 1
+    mean_loss = total_loss / max(total_seen, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"local training diverged (loss {mean_loss}); lower --lr")
+    return TrainResult(mean_loss, total_correct / max(total_seen, 1), n, steps)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor, task: str) -> float:
+    if task == MULTI_LABEL:
+        return float(((logits > 0).float() == y).float().mean(dim=1).sum())
+    return float((logits.argmax(dim=1) == y).sum())
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    task: str,
+    batch_size: int = 512,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, float]:
+    """Probabilities (softmax, or sigmoid per label for multi-label) and, when labels are
+    given, the unweighted mean loss, in one batched pass."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    criterion = loss_function(task)
+    outs, total = [], 0.0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size].to(device))
+        if y is not None:
+            yb = y[start : start + batch_size].to(device)
+            total += float(criterion(logits, yb)) * len(yb)
+        probs = torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
+        outs.append(probs.float().cpu())
+    probs_np = torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
+    return probs_np, (total / max(len(x), 1) if y is not None else float("nan"))
+
+
+def state_arrays(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """What travels between server and clients: the state dict without BatchNorm's
+    ``num_batches_tracked`` counters (integers that averaging would turn into floats)."""
+    return OrderedDict(
+        (k, v.detach().cpu()) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    )
+
+
+def load_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
+    """Load arrays produced by :func:`state_arrays`; any other mismatch is an error."""
+    missing, unexpected = model.load_state_dict(arrays, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"arrays do not fit the model: missing {missing}, unexpected {unexpected}")
