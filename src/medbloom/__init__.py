@@ -15,6 +15,8 @@ _FLOWER_OFFLINE_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
+    # Silences a FutureWarning Ray prints in every run that uses no GPU.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 for _key, _value in _FLOWER_OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)

@@ -83,12 +83,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medbloom.federation.simulation import run_simulation
 
     cfg = config_from_args(args)
+    _quiet_flower()
     run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
     cfg = cfg.replace(out=str(run_dir))
     print(f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
           f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds")
     print(f"run directory: {run_dir}", flush=True)
-    _quiet_flower()
     run_simulation(cfg, run_dir, Progress(cfg.rounds))
     summary = json.loads((run_dir / "summary.json").read_text())
     _print_summary(summary, run_dir)
@@ -106,6 +106,18 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"results in {run_dir}")
 
 
+class _FlowerNoise(logging.Filter):
+    """Drops Flower's console notices that say nothing to a medbloom user: the
+    deprecation of the Python simulation API medbloom drives on purpose, and the
+    skipped client-side evaluation (medbloom evaluates at the server)."""
+
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.NOISE)
+
+
 def _quiet_flower() -> None:
     """Flower logs every message at INFO; the run's log file keeps them, the console need not."""
     from flwr.common.logger import FLOWER_LOGGER
@@ -113,6 +125,7 @@ def _quiet_flower() -> None:
     for h in FLOWER_LOGGER.handlers:
         if not isinstance(h, logging.FileHandler):
             h.setLevel(logging.WARNING)
+            h.addFilter(_FlowerNoise())
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ the round ends.
 from __future__ import annotations
 
 import logging
+from logging import INFO
 import random
 import re
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
@@ -57,12 +59,18 @@ class Evaluator:
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     """Wait until ``wanted`` nodes are connected; fail with a clear message after ``timeout``."""
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    last_note = start
     while len(nodes := list(grid.get_node_ids())) < wanted:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - start > timeout:
             raise RuntimeError(
-                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s"
+                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; "
+                f"under `flwr run` pass --federation-config \"num-supernodes={wanted}\""
             )
+        if now - last_note > 10:
+            log.warning("waiting for nodes: %d of %d connected", len(nodes), wanted)
+            last_note = now
         time.sleep(0.2)
     if len(nodes) > wanted:
         log.warning("%d nodes are connected; the experiment expects %d", len(nodes), wanted)
@@ -196,6 +204,24 @@ def _record(
         on_round({**row, "is_best": is_best, "best": recorder.best})
 
 
+def _log_progress(rounds: int) -> RoundCallback:
+    """Under ``flwr run`` the progress goes through Flower's logger, which ``--stream`` shows."""
+
+    def report(row: dict[str, Any]) -> None:
+        flwr_log(
+            INFO,
+            "medbloom round %d/%d: test acc %.4f auc %.4f, val auc %.4f, %.1f s",
+            row["round"],
+            rounds,
+            row["accuracy"],
+            row["auc"],
+            row["val_auc"],
+            row["elapsed_seconds"],
+        )
+
+    return report
+
+
 def make_server_app(
     cfg: ExperimentConfig | None = None,
     run_dir: Path | None = None,
@@ -209,8 +235,8 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
         path = run_dir or prepare_run(run_cfg, argv=["flwr", "run"])
-        log.info("medbloom run directory: %s", path)
-        run_federation(grid, run_cfg, path, on_round)
+        flwr_log(INFO, "medbloom run directory: %s", path)
+        run_federation(grid, run_cfg, path, on_round or _log_progress(run_cfg.rounds))
 
     return app
 
