@@ -242,7 +242,8 @@ class RunRecorder:
 
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
+        # repr is the shortest text that reads back as the same float: no rounding.
+        return "" if math.isnan(v) else repr(v)
     return v
 
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: where the real data sets are, and process bookkeeping for end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+PNEUMONIA = SHARED_DATA / "medmnist" / "pneumoniamnist.npz"
+
+
+@pytest.fixture(scope="session")
+def shared_data_root() -> Path:
+    """The real data root (``../shared/datasets``); tests that need it skip without it."""
+    if not PNEUMONIA.is_file():
+        pytest.skip(f"real data not found at {PNEUMONIA} (../shared/datasets beside the repo)")
+    return SHARED_DATA
+
+
+def ray_processes() -> set[int]:
+    """PIDs of Ray's own processes on this machine (workers, raylet, GCS)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = set()
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if any(k in args for k in ("ray::", "raylet", "gcs_server", "default_worker.py")):
+            pids.add(int(pid))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _offline_flower(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
