@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from medbloom.data import medmnist
+from medbloom.data.registry import dataset_names, load_dataset, spec_of
+from medbloom.data.types import TASKS, Splits
+from medbloom.errors import DataError
 from synthetic import (
     LAYOUTS,
     make_arrays,
@@ -26,11 +31,6 @@ from synthetic import (
     write_arrays,
     write_npz,
 )
-
-from medbloom.data import medmnist
-from medbloom.data.registry import dataset_names, load_dataset, spec_of
-from medbloom.data.types import TASKS, Splits
-from medbloom.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 REAL_PNEUMONIA = SHARED / "medmnist" / "pneumoniamnist.npz"
@@ -528,16 +528,11 @@ def test_object_array_is_refused(tmp_path: Path) -> None:
 def _member_data_offset(raw: bytes, index: int) -> int:
     """Where the (compressed) data of the ``index``-th zip member starts."""
     member = zipfile.ZipFile(io.BytesIO(raw)).infolist()[index]
-    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
-    return member.header_offset + 30 + name_len + extra_len
+    start = member.header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[start + 26 : start + 30])
+    return start + 30 + name_len + extra_len
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=__import__("zlib").error,
-    reason="BUG: medmnist._read_npz does not catch zlib.error, raised by a corrupt "
-    "deflate stream in a compressed npz (the official files are compressed)",
-)
 def test_corrupt_compressed_member(tmp_path: Path) -> None:
     path = write_npz(tmp_path, "pneumoniamnist")
     raw = bytearray(path.read_bytes())
@@ -548,12 +543,6 @@ def test_corrupt_compressed_member(tmp_path: Path) -> None:
     _assert_unreadable(info, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: medmnist._read_npz uses np.load(...) as a context manager; a plain .npy "
-    "saved under the .npz name gives an ndarray and a TypeError",
-)
 def test_npy_file_under_npz_name(tmp_path: Path) -> None:
     path = npz_path(tmp_path, "pneumoniamnist")
     path.parent.mkdir(parents=True)
@@ -620,7 +609,8 @@ def server() -> Iterator[_Server]:
 @pytest.fixture
 def payload(tmp_path: Path) -> bytes:
     """The bytes of a valid synthetic pneumoniamnist.npz."""
-    return write_arrays(tmp_path / "src" / "p.npz", make_arrays("pneumoniamnist", seed=9)).read_bytes()
+    arrays = make_arrays("pneumoniamnist", seed=9)
+    return write_arrays(tmp_path / "src" / "p.npz", arrays).read_bytes()
 
 
 def _point_at(monkeypatch: pytest.MonkeyPatch, url: str, md5: str) -> None:

@@ -22,10 +22,21 @@ from conftest import REPO, ray_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-REQUIRED_COLUMNS = (
-    "round, loss, accuracy, auc, balanced_accuracy, precision, recall, f1, train_loss, "
-    "val_accuracy, val_auc, round_seconds, elapsed_seconds"
-).split(", ")
+REQUIRED_COLUMNS = [
+    "round",
+    "loss",
+    "accuracy",
+    "auc",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "train_loss",
+    "val_accuracy",
+    "val_auc",
+    "round_seconds",
+    "elapsed_seconds",
+]
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -45,9 +56,7 @@ def test_medbloom_run_learns_and_writes_the_run_directory(
 ) -> None:
     before = ray_processes()
     out = tmp_path / "run"
-    proc = _medbloom(
-        "run", "--data-dir", str(shared_data_root), "--rounds", "3", "--out", str(out)
-    )
+    proc = _medbloom("run", "--data-dir", str(shared_data_root), "--rounds", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     # progress: one line per round, round r of R

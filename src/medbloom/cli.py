@@ -19,7 +19,9 @@ EPILOG = "Errors you can fix exit with code 2 and a one-line message."
 
 
 def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)"
+    )
     for f in ExperimentConfig.knobs():
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         choices = f.metadata.get("choices")
@@ -37,9 +39,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Defaults < --config file < flags."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        values.update(
-            {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
-        )
+        values.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
     for f in ExperimentConfig.knobs():
         v = getattr(args, f.name, None)
         if v is not None:
@@ -86,8 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_flower()
     run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
     cfg = cfg.replace(out=str(run_dir))
-    print(f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
-          f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds")
+    print(
+        f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
+        f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds"
+    )
     print(f"run directory: {run_dir}", flush=True)
     run_simulation(cfg, run_dir, Progress(cfg.rounds))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,10 +99,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     final, best = summary.get("final") or {}, summary.get("best") or {}
-    print(f"finished in {_duration(summary['wall_seconds'])}: final test acc "
-          f"{final.get('accuracy', float('nan')):.4f} auc {final.get('auc', float('nan')):.4f}; "
-          f"best by val auc (round {best.get('round')}): test acc "
-          f"{best.get('accuracy', float('nan')):.4f} auc {best.get('auc', float('nan')):.4f}")
+    print(
+        f"finished in {_duration(summary['wall_seconds'])}: final test acc "
+        f"{final.get('accuracy', float('nan')):.4f} auc {final.get('auc', float('nan')):.4f}; "
+        f"best by val auc (round {best.get('round')}): test acc "
+        f"{best.get('accuracy', float('nan')):.4f} auc {best.get('auc', float('nan')):.4f}"
+    )
     for name, ref in (summary.get("benchmark") or {}).items():
         print(f"  published {name} (centralized): acc {ref['acc']:.3f} auc {ref['auc']:.3f}")
     print(f"results in {run_dir}")
@@ -138,9 +142,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"{'name':<16} {'dims':<4} {'task':<26} {'classes':>7}  {'sizes':<14} on disk")
         for name in dataset_names():
             spec = spec_of(name, 28)
-            have = [str(s) for s in medmnist.sizes(name) if medmnist.file_path(name, s, root).is_file()]
-            print(f"{name:<16} {spec.spatial_dims}D   {spec.task:<26} {spec.num_classes:>7}  "
-                  f"{','.join(map(str, medmnist.sizes(name))):<14} {','.join(have) or '-'}")
+            have = [
+                str(s) for s in medmnist.sizes(name) if medmnist.file_path(name, s, root).is_file()
+            ]
+            print(
+                f"{name:<16} {spec.spatial_dims}D   {spec.task:<26} {spec.num_classes:>7}  "
+                f"{','.join(map(str, medmnist.sizes(name))):<14} {','.join(have) or '-'}"
+            )
         return 0
     if args.data_cmd == "fetch":
         path = medmnist.fetch(args.dataset, args.size, args.data_dir)
@@ -156,13 +164,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
     names = splits.spec.class_names
     width = max(8, *(len(n) for n in names))
-    print(f"{cfg.dataset}: {cfg.partition} partition of {len(splits.train)} training samples "
-          f"across {cfg.num_clients} clients (seed {cfg.seed})")
-    print(f"{'client':>6} {'train':>6} {'val':>5}  " + " ".join(f"{n[:width]:>{width}}" for n in names))
+    print(
+        f"{cfg.dataset}: {cfg.partition} partition of {len(splits.train)} training samples "
+        f"across {cfg.num_clients} clients (seed {cfg.seed})"
+    )
+    print(
+        f"{'client':>6} {'train':>6} {'val':>5}  "
+        + " ".join(f"{n[:width]:>{width}}" for n in names)
+    )
     for p in partitions_for(cfg):
         counts = label_counts(splits.train.labels[p.train], len(names))
-        print(f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
-              + " ".join(f"{c:>{width}}" for c in counts))
+        print(
+            f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
+            + " ".join(f"{c:>{width}}" for c in counts)
+        )
     return 0
 
 
@@ -183,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medbloom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run an experiment on Flower's simulation engine", epilog=EPILOG)
+    run = sub.add_parser(
+        "run", help="run an experiment on Flower's simulation engine", epilog=EPILOG
+    )
     _add_experiment_flags(run)
     run.set_defaults(func=cmd_run)
 

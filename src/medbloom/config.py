@@ -44,9 +44,7 @@ class ExperimentConfig:
 
     dataset: str = _knob("pneumoniamnist", "data set name (see `medbloom data list`)")
     size: int = _knob(28, "MedMNIST image size: 28, 64, 128 or 224 (3D sets: 28 or 64)")
-    data_dir: str = _knob(
-        "", "data root; empty: $MEDBLOOM_DATA_DIR, else the user cache directory"
-    )
+    data_dir: str = _knob("", "data root; empty: $MEDBLOOM_DATA_DIR, else the user cache directory")
     num_clients: int = _knob(10, "number of hospitals (clients)")
     rounds: int = _knob(20, "federated rounds")
     partition: str = _knob("dirichlet", "how training data is split across clients", PARTITIONS)
@@ -174,9 +172,10 @@ _CASTS: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": st
 def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     flag = ExperimentConfig.flag(f.name)
-    if kind == "int":
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ConfigError(f"{source}: {flag} = {raw!r} is not an integer")
+    if isinstance(raw, bool) and kind != "str":
+        raise ConfigError(f"{source}: {flag} = {raw!r} is not a number")
+    if kind == "int" and isinstance(raw, float) and not raw.is_integer():
+        raise ConfigError(f"{source}: {flag} = {raw!r} is not an integer")
     if kind == "str" and not isinstance(raw, str):
         raise ConfigError(f"{source}: {flag} = {raw!r} is not a string")
     try:
@@ -195,16 +194,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
     try:
-        if p.suffix.lower() == ".json":
-            data: dict[str, Any] = json.loads(text)
-        else:
-            data = tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"--config {p}: not valid {p.suffix.lstrip('.') or 'TOML'}: {exc}")
+        text = p.read_text(encoding="utf-8")
+        data: Any = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {p}: not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: expected a table of settings, got {type(data).__name__}")
     if isinstance(data.get("tool"), dict):
         data = data["tool"].get("flwr", {}).get("app", {}).get("config", {})
     elif isinstance(data.get("config"), dict):
         data = data["config"]
-    return data
+    return dict(data)

@@ -22,8 +22,8 @@ from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
 from medbloom.data.registry import load_dataset, spec_of
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
-from medbloom.models import build_model
 from medbloom.federation.strategies import build_strategy
+from medbloom.models import build_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
 from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
 
@@ -164,6 +164,4 @@ def prepare_run(
     parts = partitions_for(cfg)
     pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
     resolved = cfg.replace(out=str(out))
-    return create_run_dir(
-        out, {"config.json": run_info(resolved, argv), "partitions.json": pmap}
-    )
+    return create_run_dir(out, {"config.json": run_info(resolved, argv), "partitions.json": pmap})

@@ -24,8 +24,8 @@ METRIC_NAMES = ("accuracy", "auc", "balanced_accuracy", "precision", "recall", "
 
 
 def _safe_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    # roc_auc_score is undefined when only one class is present; MedMNIST's
-    # evaluator would raise. A small validation split can hit that, so it is NaN here.
+    # roc_auc_score is undefined when only one class is present (scikit-learn warns
+    # and returns NaN); a small validation split can hit that, so it is NaN here, quietly.
     if len(np.unique(y_true)) < 2:
         return float("nan")
     return float(roc_auc_score(y_true, y_score))
@@ -34,7 +34,9 @@ def _safe_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 def medmnist_auc(y_true: np.ndarray, y_score: np.ndarray, task: str) -> float:
     """AUC as ``medmnist.evaluator.getAUC`` computes it."""
     if task == MULTI_LABEL:
-        return float(np.mean([_safe_auc(y_true[:, i], y_score[:, i]) for i in range(y_score.shape[1])]))
+        return float(
+            np.mean([_safe_auc(y_true[:, i], y_score[:, i]) for i in range(y_score.shape[1])])
+        )
     if task == "binary-class":
         score = y_score[:, -1] if y_score.ndim == 2 else y_score
         return _safe_auc(y_true, score)
@@ -42,11 +44,15 @@ def medmnist_auc(y_true: np.ndarray, y_score: np.ndarray, task: str) -> float:
     return float(np.mean(aucs))
 
 
-def medmnist_acc(y_true: np.ndarray, y_score: np.ndarray, task: str, threshold: float = 0.5) -> float:
+def medmnist_acc(
+    y_true: np.ndarray, y_score: np.ndarray, task: str, threshold: float = 0.5
+) -> float:
     """Accuracy as ``medmnist.evaluator.getACC`` computes it."""
     if task == MULTI_LABEL:
         pred = y_score > threshold
-        return float(np.mean([accuracy_score(y_true[:, i], pred[:, i]) for i in range(y_true.shape[1])]))
+        return float(
+            np.mean([accuracy_score(y_true[:, i], pred[:, i]) for i in range(y_true.shape[1])])
+        )
     if task == "binary-class":
         score = y_score[:, -1] if y_score.ndim == 2 else y_score
         return float(accuracy_score(y_true, score > threshold))
@@ -79,7 +85,10 @@ def evaluate_scores(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
         if task == MULTI_LABEL:
             bal = float(
                 np.mean(
-                    [balanced_accuracy_score(y_true[:, i], pred[:, i]) for i in range(y_true.shape[1])]
+                    [
+                        balanced_accuracy_score(y_true[:, i], pred[:, i])
+                        for i in range(y_true.shape[1])
+                    ]
                 )
             )
             p, r, f, _ = precision_recall_fscore_support(

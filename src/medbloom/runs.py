@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -59,7 +59,16 @@ CLIENT_COLUMNS = (
     "seconds",
     "error",
 )
-PACKAGES = ("medbloom", "flwr", "flwr-datasets", "torch", "numpy", "scikit-learn", "medmnist", "ray")
+PACKAGES = (
+    "medbloom",
+    "flwr",
+    "flwr-datasets",
+    "torch",
+    "numpy",
+    "scikit-learn",
+    "medmnist",
+    "ray",
+)
 
 
 def default_run_dir(cfg: ExperimentConfig, root: str | os.PathLike[str] = "runs") -> Path:
@@ -187,7 +196,7 @@ class RunRecorder:
         fh.flush()
         os.fsync(fh.fileno())
 
-    def record_clients(self, rows: list[Mapping[str, Any]]) -> None:
+    def record_clients(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
             self._append(self._clients, row)
 
@@ -201,11 +210,18 @@ class RunRecorder:
         self._append(self._metrics, row)
         self.rows += 1
         self.last = row
-        ckpt = {"round": row["round"], "model": dict(state), "metrics": row, "config": self.cfg.to_run_config()}
+        ckpt = {
+            "round": row["round"],
+            "model": dict(state),
+            "metrics": row,
+            "config": self.cfg.to_run_config(),
+        }
         atomic_torch_save(self.path / "checkpoints" / "latest.pt", ckpt)
         score = row.get("val_auc")
-        is_best = score is not None and math.isfinite(score) and (
-            self.best is None or score > self.best["val_auc"]
+        is_best = (
+            score is not None
+            and math.isfinite(score)
+            and (self.best is None or score > self.best["val_auc"])
         )
         if is_best:
             self.best = row

@@ -134,7 +134,8 @@ def train_local(
             loss = criterion(logits, yb)
             if global_params:
                 prox = sum(
-                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
@@ -186,7 +187,9 @@ def state_arrays(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """What travels between server and clients: the state dict without BatchNorm's
     ``num_batches_tracked`` counters (integers that averaging would turn into floats)."""
     return OrderedDict(
-        (k, v.detach().cpu()) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+        (k, v.detach().cpu())
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
     )
 
 

@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -35,24 +36,102 @@ SIZES_3D = (28, 64)
 # 10:41, 2023, Tables 3 and 4): ResNet-18 and ResNet-50 trained centrally at 28 and
 # 224 pixels (2D), and ResNet-18/50 with 3D convolutions at 28 voxels (3D).
 BENCHMARKS: dict[str, dict[str, dict[str, float]]] = {
-    "pathmnist": {"resnet18-28": {"auc": 0.983, "acc": 0.907}, "resnet18-224": {"auc": 0.989, "acc": 0.909}, "resnet50-28": {"auc": 0.990, "acc": 0.911}, "resnet50-224": {"auc": 0.989, "acc": 0.892}},  # noqa: E501
-    "chestmnist": {"resnet18-28": {"auc": 0.768, "acc": 0.947}, "resnet18-224": {"auc": 0.773, "acc": 0.947}, "resnet50-28": {"auc": 0.769, "acc": 0.947}, "resnet50-224": {"auc": 0.773, "acc": 0.948}},  # noqa: E501
-    "dermamnist": {"resnet18-28": {"auc": 0.917, "acc": 0.735}, "resnet18-224": {"auc": 0.920, "acc": 0.754}, "resnet50-28": {"auc": 0.913, "acc": 0.735}, "resnet50-224": {"auc": 0.912, "acc": 0.731}},  # noqa: E501
-    "octmnist": {"resnet18-28": {"auc": 0.943, "acc": 0.743}, "resnet18-224": {"auc": 0.958, "acc": 0.763}, "resnet50-28": {"auc": 0.952, "acc": 0.762}, "resnet50-224": {"auc": 0.958, "acc": 0.776}},  # noqa: E501
-    "pneumoniamnist": {"resnet18-28": {"auc": 0.944, "acc": 0.854}, "resnet18-224": {"auc": 0.956, "acc": 0.864}, "resnet50-28": {"auc": 0.948, "acc": 0.854}, "resnet50-224": {"auc": 0.962, "acc": 0.884}},  # noqa: E501
-    "retinamnist": {"resnet18-28": {"auc": 0.717, "acc": 0.524}, "resnet18-224": {"auc": 0.710, "acc": 0.493}, "resnet50-28": {"auc": 0.726, "acc": 0.528}, "resnet50-224": {"auc": 0.716, "acc": 0.511}},  # noqa: E501
-    "breastmnist": {"resnet18-28": {"auc": 0.901, "acc": 0.863}, "resnet18-224": {"auc": 0.891, "acc": 0.833}, "resnet50-28": {"auc": 0.857, "acc": 0.812}, "resnet50-224": {"auc": 0.866, "acc": 0.842}},  # noqa: E501
-    "bloodmnist": {"resnet18-28": {"auc": 0.998, "acc": 0.958}, "resnet18-224": {"auc": 0.998, "acc": 0.963}, "resnet50-28": {"auc": 0.997, "acc": 0.956}, "resnet50-224": {"auc": 0.997, "acc": 0.950}},  # noqa: E501
-    "tissuemnist": {"resnet18-28": {"auc": 0.930, "acc": 0.676}, "resnet18-224": {"auc": 0.933, "acc": 0.681}, "resnet50-28": {"auc": 0.931, "acc": 0.680}, "resnet50-224": {"auc": 0.932, "acc": 0.680}},  # noqa: E501
-    "organamnist": {"resnet18-28": {"auc": 0.997, "acc": 0.935}, "resnet18-224": {"auc": 0.998, "acc": 0.951}, "resnet50-28": {"auc": 0.997, "acc": 0.935}, "resnet50-224": {"auc": 0.998, "acc": 0.947}},  # noqa: E501
-    "organcmnist": {"resnet18-28": {"auc": 0.992, "acc": 0.900}, "resnet18-224": {"auc": 0.994, "acc": 0.920}, "resnet50-28": {"auc": 0.992, "acc": 0.905}, "resnet50-224": {"auc": 0.993, "acc": 0.911}},  # noqa: E501
-    "organsmnist": {"resnet18-28": {"auc": 0.972, "acc": 0.782}, "resnet18-224": {"auc": 0.974, "acc": 0.778}, "resnet50-28": {"auc": 0.972, "acc": 0.770}, "resnet50-224": {"auc": 0.975, "acc": 0.785}},  # noqa: E501
-    "organmnist3d": {"resnet18-3d-28": {"auc": 0.996, "acc": 0.907}, "resnet50-3d-28": {"auc": 0.994, "acc": 0.883}},  # noqa: E501
-    "nodulemnist3d": {"resnet18-3d-28": {"auc": 0.863, "acc": 0.844}, "resnet50-3d-28": {"auc": 0.875, "acc": 0.847}},  # noqa: E501
-    "adrenalmnist3d": {"resnet18-3d-28": {"auc": 0.827, "acc": 0.721}, "resnet50-3d-28": {"auc": 0.828, "acc": 0.745}},  # noqa: E501
-    "fracturemnist3d": {"resnet18-3d-28": {"auc": 0.712, "acc": 0.508}, "resnet50-3d-28": {"auc": 0.725, "acc": 0.494}},  # noqa: E501
-    "vesselmnist3d": {"resnet18-3d-28": {"auc": 0.874, "acc": 0.877}, "resnet50-3d-28": {"auc": 0.907, "acc": 0.918}},  # noqa: E501
-    "synapsemnist3d": {"resnet18-3d-28": {"auc": 0.820, "acc": 0.745}, "resnet50-3d-28": {"auc": 0.851, "acc": 0.795}},  # noqa: E501
+    "pathmnist": {
+        "resnet18-28": {"auc": 0.983, "acc": 0.907},
+        "resnet18-224": {"auc": 0.989, "acc": 0.909},
+        "resnet50-28": {"auc": 0.990, "acc": 0.911},
+        "resnet50-224": {"auc": 0.989, "acc": 0.892},
+    },
+    "chestmnist": {
+        "resnet18-28": {"auc": 0.768, "acc": 0.947},
+        "resnet18-224": {"auc": 0.773, "acc": 0.947},
+        "resnet50-28": {"auc": 0.769, "acc": 0.947},
+        "resnet50-224": {"auc": 0.773, "acc": 0.948},
+    },
+    "dermamnist": {
+        "resnet18-28": {"auc": 0.917, "acc": 0.735},
+        "resnet18-224": {"auc": 0.920, "acc": 0.754},
+        "resnet50-28": {"auc": 0.913, "acc": 0.735},
+        "resnet50-224": {"auc": 0.912, "acc": 0.731},
+    },
+    "octmnist": {
+        "resnet18-28": {"auc": 0.943, "acc": 0.743},
+        "resnet18-224": {"auc": 0.958, "acc": 0.763},
+        "resnet50-28": {"auc": 0.952, "acc": 0.762},
+        "resnet50-224": {"auc": 0.958, "acc": 0.776},
+    },
+    "pneumoniamnist": {
+        "resnet18-28": {"auc": 0.944, "acc": 0.854},
+        "resnet18-224": {"auc": 0.956, "acc": 0.864},
+        "resnet50-28": {"auc": 0.948, "acc": 0.854},
+        "resnet50-224": {"auc": 0.962, "acc": 0.884},
+    },
+    "retinamnist": {
+        "resnet18-28": {"auc": 0.717, "acc": 0.524},
+        "resnet18-224": {"auc": 0.710, "acc": 0.493},
+        "resnet50-28": {"auc": 0.726, "acc": 0.528},
+        "resnet50-224": {"auc": 0.716, "acc": 0.511},
+    },
+    "breastmnist": {
+        "resnet18-28": {"auc": 0.901, "acc": 0.863},
+        "resnet18-224": {"auc": 0.891, "acc": 0.833},
+        "resnet50-28": {"auc": 0.857, "acc": 0.812},
+        "resnet50-224": {"auc": 0.866, "acc": 0.842},
+    },
+    "bloodmnist": {
+        "resnet18-28": {"auc": 0.998, "acc": 0.958},
+        "resnet18-224": {"auc": 0.998, "acc": 0.963},
+        "resnet50-28": {"auc": 0.997, "acc": 0.956},
+        "resnet50-224": {"auc": 0.997, "acc": 0.950},
+    },
+    "tissuemnist": {
+        "resnet18-28": {"auc": 0.930, "acc": 0.676},
+        "resnet18-224": {"auc": 0.933, "acc": 0.681},
+        "resnet50-28": {"auc": 0.931, "acc": 0.680},
+        "resnet50-224": {"auc": 0.932, "acc": 0.680},
+    },
+    "organamnist": {
+        "resnet18-28": {"auc": 0.997, "acc": 0.935},
+        "resnet18-224": {"auc": 0.998, "acc": 0.951},
+        "resnet50-28": {"auc": 0.997, "acc": 0.935},
+        "resnet50-224": {"auc": 0.998, "acc": 0.947},
+    },
+    "organcmnist": {
+        "resnet18-28": {"auc": 0.992, "acc": 0.900},
+        "resnet18-224": {"auc": 0.994, "acc": 0.920},
+        "resnet50-28": {"auc": 0.992, "acc": 0.905},
+        "resnet50-224": {"auc": 0.993, "acc": 0.911},
+    },
+    "organsmnist": {
+        "resnet18-28": {"auc": 0.972, "acc": 0.782},
+        "resnet18-224": {"auc": 0.974, "acc": 0.778},
+        "resnet50-28": {"auc": 0.972, "acc": 0.770},
+        "resnet50-224": {"auc": 0.975, "acc": 0.785},
+    },
+    "organmnist3d": {
+        "resnet18-3d-28": {"auc": 0.996, "acc": 0.907},
+        "resnet50-3d-28": {"auc": 0.994, "acc": 0.883},
+    },
+    "nodulemnist3d": {
+        "resnet18-3d-28": {"auc": 0.863, "acc": 0.844},
+        "resnet50-3d-28": {"auc": 0.875, "acc": 0.847},
+    },
+    "adrenalmnist3d": {
+        "resnet18-3d-28": {"auc": 0.827, "acc": 0.721},
+        "resnet50-3d-28": {"auc": 0.828, "acc": 0.745},
+    },
+    "fracturemnist3d": {
+        "resnet18-3d-28": {"auc": 0.712, "acc": 0.508},
+        "resnet50-3d-28": {"auc": 0.725, "acc": 0.494},
+    },
+    "vesselmnist3d": {
+        "resnet18-3d-28": {"auc": 0.874, "acc": 0.877},
+        "resnet50-3d-28": {"auc": 0.907, "acc": 0.918},
+    },
+    "synapsemnist3d": {
+        "resnet18-3d-28": {"auc": 0.820, "acc": 0.745},
+        "resnet50-3d-28": {"auc": 0.851, "acc": 0.795},
+    },
 }
 
 
@@ -257,14 +336,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in wanted}
     except DataError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, TypeError, zlib.error) as exc:
         raise DataError(
             f"{path}: not a readable npz file (truncated or corrupt?): {exc}; "
             "delete it to download it again"
         ) from None
 
 
-def _validate_split(path: Path, spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray]) -> ImageSet:
+def _validate_split(
+    path: Path, spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray]
+) -> ImageSet:
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     where = f"{path}: {split}"
     if images.dtype != np.uint8:
@@ -274,7 +355,8 @@ def _validate_split(path: Path, spec: DatasetSpec, split: str, arrays: dict[str,
     expected = spatial if spec.in_channels == 1 else (*spatial, spec.in_channels)
     if images.ndim < 1 or images.shape[1:] != expected:
         raise DataError(
-            f"{where}_images has shape {images.shape}, expected (N, {', '.join(map(str, expected))})"
+            f"{where}_images has shape {images.shape}, "
+            f"expected (N, {', '.join(map(str, expected))})"
         )
     n = images.shape[0]
     n_labels = spec.num_classes if spec.task == "multi-label, binary-class" else 1

@@ -62,7 +62,9 @@ def partition_indices(
     Raises :class:`ConfigError` when the request cannot be met, saying why.
     """
     if method not in PARTITIONERS:
-        raise ConfigError(f"--partition {method!r} is unknown: expected one of {', '.join(PARTITIONERS)}")
+        raise ConfigError(
+            f"--partition {method!r} is unknown: expected one of {', '.join(PARTITIONERS)}"
+        )
     n = len(labels)
     if num_partitions < 1:
         raise ConfigError(f"--num-clients {num_partitions} is out of range: expected >= 1")
@@ -75,7 +77,9 @@ def partition_indices(
     if method == "dirichlet" and not alpha > 0:
         raise ConfigError(f"--alpha {alpha} is out of range: expected a number > 0")
     key = partition_key(labels)
-    parts = _run_partitioner(key, method, num_partitions, alpha, classes_per_client, min_partition_size, seed)
+    parts = _run_partitioner(
+        key, method, num_partitions, alpha, classes_per_client, min_partition_size, seed
+    )
     sizes = [len(p) for p in parts]
     if min(sizes) < min_partition_size:
         worst = int(np.argmin(sizes))
@@ -219,7 +223,9 @@ def partition_map(
                 "client_id": p.client_id,
                 "num_train": len(p.train),
                 "num_val": len(p.val),
-                "label_counts": label_counts(labels[np.concatenate([p.train, p.val])], len(class_names)),
+                "label_counts": label_counts(
+                    labels[np.concatenate([p.train, p.val])], len(class_names)
+                ),
                 "train_indices": p.train.tolist(),
                 "val_indices": p.val.tolist(),
             }

@@ -18,9 +18,7 @@ def spec_of(name: str, size: int) -> DatasetSpec:
     """Metadata of a data set (task, classes, channels, 2D/3D) without reading any file."""
     if name in medmnist.info():
         return medmnist.spec_for(name, size)
-    raise DataError(
-        f"--dataset {name!r} is unknown: expected one of {', '.join(dataset_names())}"
-    )
+    raise DataError(f"--dataset {name!r} is unknown: expected one of {', '.join(dataset_names())}")
 
 
 def load_dataset(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,7 +25,6 @@ from medbloom.training import (
     train_local,
 )
 
-
 _MODELS: dict[tuple[str, str, int], nn.Module] = {}
 
 
@@ -37,7 +36,9 @@ def _model(name: str, spec: DatasetSpec) -> nn.Module:
     return _MODELS[key]
 
 
-def node_config_of(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> tuple[ExperimentConfig, int, int]:
+def node_config_of(
+    cfg: ExperimentConfig, node_config: Mapping[str, Any]
+) -> tuple[ExperimentConfig, int, int]:
     """The experiment as this node sees it: its partition and, if set, its own data root."""
     if "partition-id" not in node_config:
         raise ValueError("node config has no partition-id: start the node with --node-config")
@@ -60,9 +61,9 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
     cfg, pid, num = node_config_of(cfg, context.node_config)
     data = client_data(cfg, pid, num)
     model = _model(cfg.model, data.spec)
-    load_arrays(model, msg.content["arrays"].to_torch_state_dict())
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
+    load_arrays(model, msg.content.array_records["arrays"].to_torch_state_dict())
+    config = msg.content.config_records["config"]
+    server_round = int(cast(int, config.get("server-round", 0)))
     device = resolve_device(cfg.device)
     result = train_local(
         model,
@@ -75,11 +76,11 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         weights=data.weights,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         seed=client_seed(cfg.seed, server_round, pid),
         device=device,
     )
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "train_loss": result.train_loss,
         "train_accuracy": result.train_accuracy,
         "num-examples": result.num_examples,

@@ -10,13 +10,13 @@ the round ends.
 from __future__ import annotations
 
 import logging
-from logging import INFO
 import random
 import re
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -66,7 +66,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         if now - start > timeout:
             raise RuntimeError(
                 f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; "
-                f"under `flwr run` pass --federation-config \"num-supernodes={wanted}\""
+                f'under `flwr run` pass --federation-config "num-supernodes={wanted}"'
             )
         if now - last_note > 10:
             log.warning("waiting for nodes: %d of %d connected", len(nodes), wanted)
@@ -86,10 +86,16 @@ def error_summary(reason: str) -> str:
     return (lines[-1] if lines else "unknown error")[:300]
 
 
+def _num(value: object) -> float:
+    """A scalar metric as a float (Flower types record values as scalars or lists)."""
+    return float(cast(float, value))
+
+
 def _client_rows(
     server_round: int, replies: Iterable[Message], node_to_client: dict[int, int]
 ) -> tuple[list[dict[str, Any]], int, int]:
-    rows, ok, failed = [], 0, 0
+    rows: list[dict[str, Any]] = []
+    ok = failed = 0
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -100,14 +106,14 @@ def _client_rows(
                     "client_id": node_to_client.get(node, ""),
                     "node_id": node,
                     "status": "failed",
-                    "error": error_summary(reply.error.reason),
+                    "error": error_summary(reply.error.reason or ""),
                 }
             )
             log.warning("round %d: node %s failed: %s", server_round, node, reply.error.reason)
             continue
         ok += 1
-        m = reply.content["metrics"]
-        cid = int(m["partition-id"])
+        m = reply.content.metric_records["metrics"]
+        cid = int(_num(m["partition-id"]))
         node_to_client[node] = cid
         rows.append(
             {
@@ -115,11 +121,11 @@ def _client_rows(
                 "client_id": cid,
                 "node_id": node,
                 "status": "ok",
-                "num_examples": int(m["num-examples"]),
-                "train_loss": float(m["train_loss"]),
-                "train_accuracy": float(m["train_accuracy"]),
-                "local_val_accuracy": float(m.get("local_val_accuracy", float("nan"))),
-                "seconds": float(m.get("seconds", float("nan"))),
+                "num_examples": int(_num(m["num-examples"])),
+                "train_loss": _num(m["train_loss"]),
+                "train_accuracy": _num(m["train_accuracy"]),
+                "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
+                "seconds": _num(m.get("seconds", float("nan"))),
             }
         )
     return rows, ok, failed
@@ -164,8 +170,10 @@ def run_federation(
             row = {
                 "round": server_round,
                 **evaluator(arrays),
-                "train_loss": float(train_metrics["train_loss"]) if train_metrics else float("nan"),
-                "train_accuracy": float(train_metrics["train_accuracy"]) if train_metrics else float("nan"),
+                "train_loss": _num(train_metrics["train_loss"]) if train_metrics else float("nan"),
+                "train_accuracy": _num(train_metrics["train_accuracy"])
+                if train_metrics
+                else float("nan"),
                 "clients_ok": ok,
                 "clients_failed": failed,
                 "round_seconds": now - t0,

@@ -49,5 +49,5 @@ def run_simulation(
             server_app=server,
             client_app=client,
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
         )

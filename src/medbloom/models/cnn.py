@@ -27,7 +27,11 @@ class SmallCNN(nn.Module):
         w1, w2 = width, 2 * width
 
         def block(inp: int, out: int) -> list[nn.Module]:
-            return [conv(dims, inp, out, 3, padding=1, bias=False), norm(norm_kind, dims, out), nn.ReLU(inplace=True)]
+            return [
+                conv(dims, inp, out, 3, padding=1, bias=False),
+                norm(norm_kind, dims, out),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
             *block(in_channels, w1),
