@@ -91,6 +91,21 @@ def _num(value: object) -> float:
     return float(cast(float, value))
 
 
+def _in_client_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by client, so aggregation sums in the same order every run.
+
+    Replies arrive in the order clients finish; floating-point sums depend on order,
+    so without this two identical runs differ in the 7th digit.
+    """
+
+    def key(reply: Message) -> tuple[int, float]:
+        if reply.has_error():
+            return (1, float(reply.metadata.src_node_id))
+        return (0, _num(reply.content.metric_records["metrics"]["partition-id"]))
+
+    return sorted(replies, key=key)
+
+
 def _client_rows(
     server_round: int, replies: Iterable[Message], node_to_client: dict[int, int]
 ) -> tuple[list[dict[str, Any]], int, int]:
@@ -159,7 +174,7 @@ def run_federation(
         for server_round in range(1, cfg.rounds + 1):
             t0 = time.monotonic()
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+            replies = _in_client_order(grid.send_and_receive(messages, timeout=cfg.round_timeout))
             client_rows, ok, failed = _client_rows(server_round, replies, node_to_client)
             recorder.record_clients(client_rows)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
