@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +81,33 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM asks the run to stop cleanly (the engine and Ray shut down,
+    the run directory says ``interrupted``); a second Ctrl-C stops at once."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(
+            "\nmedbloom: stopping after the current step (Ctrl-C again to force)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from medbloom.experiment import prepare_run
+    from medbloom.federation.server_app import RunInterrupted
     from medbloom.federation.simulation import run_simulation
 
     cfg = config_from_args(args)
@@ -91,7 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds"
     )
     print(f"run directory: {run_dir}", flush=True)
-    run_simulation(cfg, run_dir, Progress(cfg.rounds))
+    with stop_on_signals() as stop:
+        try:
+            run_simulation(cfg, run_dir, Progress(cfg.rounds), stop)
+        except RunInterrupted:
+            print(f"medbloom: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
+            return 130
     summary = json.loads((run_dir / "summary.json").read_text())
     _print_summary(summary, run_dir)
     return 0 if summary["status"] == "finished" else 1

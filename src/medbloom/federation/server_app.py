@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO
@@ -55,6 +56,40 @@ class Evaluator:
         scores = evaluate_scores(split.labels, probs, self.spec.task)
         scores["loss"] = loss
         return {prefix + k: v for k, v in scores.items()}
+
+
+class RunInterrupted(Exception):
+    """The user asked the run to stop (Ctrl-C or SIGTERM)."""
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    stop: threading.Event | None = None,
+    poll: float = 0.05,
+) -> list[Message]:
+    """Send messages and collect replies until all are in, ``timeout`` passes, or ``stop``.
+
+    Flower's ``Grid.send_and_receive`` does the same but sleeps 3 s between polls
+    against a remote SuperLink and cannot be interrupted.
+    """
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending:
+            break
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("stopped by the user")
+        if time.monotonic() > deadline:
+            log.warning("%d replies still missing after %.0f s; going on", len(pending), timeout)
+            break
+        time.sleep(poll)
+    return replies
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -151,6 +186,7 @@ def run_federation(
     cfg: ExperimentConfig,
     run_dir: Path,
     on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run every round of the experiment over ``grid`` and record it in ``run_dir``.
 
@@ -172,9 +208,11 @@ def run_federation(
         _record(recorder, row, arrays, on_round, cfg)
         node_to_client: dict[int, int] = {}
         for server_round in range(1, cfg.rounds + 1):
+            if stop is not None and stop.is_set():
+                raise RunInterrupted("stopped by the user")
             t0 = time.monotonic()
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = _in_client_order(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+            replies = _in_client_order(exchange(grid, messages, cfg.round_timeout, stop))
             client_rows, ok, failed = _client_rows(server_round, replies, node_to_client)
             recorder.record_clients(client_rows)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -197,6 +235,10 @@ def run_federation(
             _record(recorder, row, arrays, on_round, cfg)
         status = "finished"
         return row
+    except RunInterrupted as exc:
+        status, error = "interrupted", str(exc)
+        log.warning("run interrupted after round %s", recorder.rows - 1)
+        raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.error("run failed: %s", error)
@@ -249,6 +291,7 @@ def make_server_app(
     cfg: ExperimentConfig | None = None,
     run_dir: Path | None = None,
     on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp. ``medbloom run`` passes a prepared config and run directory;
     under ``flwr run`` both come from the run config."""
@@ -259,7 +302,7 @@ def make_server_app(
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
         path = run_dir or prepare_run(run_cfg, argv=["flwr", "run"])
         flwr_log(INFO, "medbloom run directory: %s", path)
-        run_federation(grid, run_cfg, path, on_round or _log_progress(run_cfg.rounds))
+        run_federation(grid, run_cfg, path, on_round or _log_progress(run_cfg.rounds), stop)
 
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,19 @@ def _cuda() -> bool:
 
 
 def run_simulation(
-    cfg: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Run every round; return when the Simulation Engine and Ray have shut down."""
+    """Run every round; return when the Simulation Engine and Ray have shut down.
+
+    Setting ``stop`` ends the run at the next poll for replies; the run directory
+    then says ``interrupted`` and :class:`RunInterrupted` is raised here.
+    """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    server = make_server_app(cfg, run_dir, on_round)
+    server = make_server_app(cfg, run_dir, on_round, stop)
     client = make_client_app(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
