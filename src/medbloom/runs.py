@@ -200,13 +200,25 @@ class RunRecorder:
         for row in rows:
             self._append(self._clients, row)
 
-    def record_round(self, row: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
-        """Append one metrics row and refresh checkpoints; return True if it is the new best.
+    def record_round(
+        self,
+        row: Mapping[str, Any],
+        state: Mapping[str, torch.Tensor],
+        per_class: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Append one metrics row (and the test split's per-class report to
+        ``per_class.jsonl``) and refresh checkpoints; return True if it is the new best.
 
         The best model is the one with the highest validation AUC (ties: the earlier
         round), as the MedMNIST benchmark selects models on its validation split.
         """
         row = dict(row)
+        if per_class:
+            with (self.path / "per_class.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(
+                    json.dumps(_jsonable({"round": row["round"], "split": "test", **per_class}))
+                )
+                fh.write("\n")
         self._append(self._metrics, row)
         self.rows += 1
         self.last = row

@@ -19,6 +19,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log as flwr_log
@@ -28,7 +29,7 @@ from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
 from medbloom.federation.strategies import build_strategy
-from medbloom.metrics import evaluate_scores
+from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
 from medbloom.training import load_arrays, predict, resolve_device, set_threads, state_arrays
 
@@ -45,17 +46,24 @@ class Evaluator:
         self.model = initial_model(cfg, self.spec)
         self.device = resolve_device(cfg.device)
 
+        self.last_report: dict[str, Any] = {}
+
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Scores on test (no prefix) and validation (``val_``); the test split's
+        per-class report is kept in ``last_report``."""
         load_arrays(self.model, arrays.to_torch_state_dict())
-        out = self._split(self.test, "")
-        out.update(self._split(self.val, "val_"))
+        out, probs = self._split(self.test, "")
+        self.last_report = per_class_report(
+            self.test.labels, probs, self.spec.task, self.spec.class_names
+        )
+        out.update(self._split(self.val, "val_")[0])
         return out
 
-    def _split(self, split: TensorSplit, prefix: str) -> dict[str, float]:
+    def _split(self, split: TensorSplit, prefix: str) -> tuple[dict[str, float], np.ndarray]:
         probs, loss = predict(self.model, split.x, split.y, self.spec.task, device=self.device)
         scores = evaluate_scores(split.labels, probs, self.spec.task)
         scores["loss"] = loss
-        return {prefix + k: v for k, v in scores.items()}
+        return {prefix + k: v for k, v in scores.items()}, probs
 
 
 class RunInterrupted(Exception):
@@ -205,7 +213,7 @@ def run_federation(
         wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout)
         started = time.monotonic()
         row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0, "elapsed_seconds": 0.0}
-        _record(recorder, row, arrays, on_round, cfg)
+        _record(recorder, row, arrays, on_round, cfg, evaluator.last_report)
         node_to_client: dict[int, int] = {}
         for server_round in range(1, cfg.rounds + 1):
             if stop is not None and stop.is_set():
@@ -232,7 +240,7 @@ def run_federation(
                 "round_seconds": now - t0,
                 "elapsed_seconds": now - started,
             }
-            _record(recorder, row, arrays, on_round, cfg)
+            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report)
         status = "finished"
         return row
     except RunInterrupted as exc:
@@ -254,8 +262,9 @@ def _record(
     arrays: ArrayRecord,
     on_round: RoundCallback | None,
     cfg: ExperimentConfig,
+    per_class: dict[str, Any],
 ) -> None:
-    is_best = recorder.record_round(row, arrays.to_torch_state_dict())
+    is_best = recorder.record_round(row, arrays.to_torch_state_dict(), per_class)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",
         row["round"],
