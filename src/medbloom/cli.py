@@ -6,13 +6,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from medbloom import __version__
 from medbloom.config import ExperimentConfig, load_config_file
@@ -28,13 +29,16 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
     for f in ExperimentConfig.knobs():
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         choices = f.metadata.get("choices")
+        # The choices go into the help text, not argparse's `choices=`, so that a bad
+        # value gets medbloom's one-line error naming what was expected.
+        listed = f"; one of: {', '.join(choices)}" if choices else ""
         p.add_argument(
             f"--{ExperimentConfig.flag(f.name)}",
             dest=f.name,
             type={"int": int, "float": float, "str": str}[kind],
             default=None,
-            metavar=None if choices else kind.upper(),
-            help=f"{f.metadata['help']} (default: {f.default!r})",
+            metavar=kind.upper(),
+            help=f"{f.metadata['help']}{listed} (default: {f.default!r})",
         )
 
 
@@ -190,6 +194,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"{path}: OK (MD5 and contents checked)")
         return 0
     # partition
+    import numpy as np
+
     from medbloom.data.partition import label_counts
     from medbloom.experiment import load_splits, partitions_for
 
@@ -206,7 +212,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         + " ".join(f"{n[:width]:>{width}}" for n in names)
     )
     for p in partitions_for(cfg):
-        counts = label_counts(splits.train.labels[p.train], len(names))
+        counts = label_counts(splits.train.labels[np.concatenate([p.train, p.val])], len(names))
         print(
             f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
             + " ".join(f"{c:>{width}}" for c in counts)
@@ -222,14 +228,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with medbloom's error style: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"medbloom: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medbloom",
         description="Federated learning for medical image classification on Flower and PyTorch.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"medbloom {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(
         "run", help="run an experiment on Flower's simulation engine", epilog=EPILOG
@@ -238,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="list, fetch and partition data sets")
-    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    dsub = data.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     lst = dsub.add_parser("list", help="every data set, and which files are on disk")
     lst.add_argument("--data-dir", default=None)
     fetch = dsub.add_parser("fetch", help="download a data set (MD5-checked) into the data root")
@@ -265,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medbloom: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `medbloom data list | head`: the reader left; that is not an error.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        return 0
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class ExperimentConfig:
             (0 <= self.trimmed_beta < 0.5, "trimmed_beta", "a fraction in [0, 0.5)"),
             (self.round_timeout > 0, "round_timeout", "a number of seconds > 0"),
             (self.size >= 1, "size", "28, 64, 128 or 224"),
+            (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -174,10 +174,7 @@ def sizes(flag: str) -> tuple[int, ...]:
 def _entry(flag: str) -> dict[str, Any]:
     table = info()
     if flag not in table:
-        raise DataError(
-            f"--dataset {flag!r} is unknown: expected one of {', '.join(table)}, "
-            "brain-tumor-mri, or folder:PATH"
-        )
+        raise DataError(f"--dataset {flag!r} is unknown: expected one of {', '.join(table)}")
     return table[flag]
 
 

@@ -1,0 +1,234 @@
+"""Conformance suite: every registered model on every kind of data set spec.
+
+Each model in ``medbloom.models.MODELS`` is built for 2D gray, 2D colour, multi-label,
+3D and 64-pixel specs and checked for output shape, finite outputs and gradients,
+a lossless ``state_arrays``/``load_arrays`` round trip, and seeded reproducibility.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medbloom.data.medmnist import spec_for
+from medbloom.data.types import DatasetSpec
+from medbloom.errors import ConfigError
+from medbloom.metrics import MULTI_LABEL
+from medbloom.models import MODELS, build_model
+from medbloom.training import load_arrays, loss_function, state_arrays, to_tensor
+
+# (flag, size, channels, outputs, spatial dims): what each spec must say about itself.
+SPECS = {
+    "pneumonia28": ("pneumoniamnist", 28, 1, 2, 2),
+    "blood28": ("bloodmnist", 28, 3, 8, 2),
+    "chest28-multilabel": ("chestmnist", 28, 1, 14, 2),
+    "organ3d28": ("organmnist3d", 28, 1, 11, 3),
+    "pneumonia64": ("pneumoniamnist", 64, 1, 2, 2),
+}
+BATCH = 2  # small: resnet50 and the 3D sets dominate the runtime of this file
+SLOW = {
+    ("resnet50", "organ3d28"): "too slow for the unit suite (about 6 s per forward/backward "
+    "pass on one CPU thread); its layers are covered by resnet18-organ3d28 and resnet50-2D",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread, as medbloom's clients use: on a busy machine two threads spin
+    against each other and make these small forward passes many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cases(skip_slow: bool) -> list[object]:
+    out = []
+    for model in MODELS:
+        for spec_id in SPECS:
+            marks = []
+            if skip_slow and (model, spec_id) in SLOW:
+                marks.append(pytest.mark.skip(reason=SLOW[model, spec_id]))
+            out.append(pytest.param(model, spec_id, id=f"{model}-{spec_id}", marks=marks))
+    return out
+
+
+def _spec(spec_id: str) -> DatasetSpec:
+    flag, size, *_ = SPECS[spec_id]
+    return spec_for(flag, size)
+
+
+def _batch(spec: DatasetSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as the data pipeline produces it: uint8 pixels through ``to_tensor``."""
+    rng = np.random.default_rng(seed)
+    shape = (BATCH, spec.in_channels) + (spec.image_size,) * spec.spatial_dims
+    x = to_tensor(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    if spec.task == MULTI_LABEL:
+        y = torch.from_numpy(rng.integers(0, 2, size=(BATCH, spec.num_classes))).float()
+    else:
+        y = torch.from_numpy(rng.integers(0, spec.num_classes, size=BATCH)).long()
+    return x, y
+
+
+def _build(name: str, spec: DatasetSpec, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, spec)
+
+
+def test_registry_holds_the_documented_models() -> None:
+    assert set(MODELS) == {"cnn", "resnet18", "resnet50"}
+    for name, entry in MODELS.items():
+        assert entry.name == name
+        assert entry.description
+
+
+@pytest.mark.parametrize("spec_id", list(SPECS))
+def test_specs_describe_their_data_sets(spec_id: str) -> None:
+    _, size, channels, outputs, dims = SPECS[spec_id]
+    spec = _spec(spec_id)
+    assert (spec.in_channels, spec.num_classes, spec.spatial_dims, spec.image_size) == (
+        channels,
+        outputs,
+        dims,
+        size,
+    )
+    assert (spec.task == MULTI_LABEL) == (spec_id == "chest28-multilabel")
+
+
+@pytest.mark.parametrize(("name", "spec_id"), _cases(skip_slow=True))
+def test_forward_and_backward(name: str, spec_id: str) -> None:
+    spec = _spec(spec_id)
+    model = _build(name, spec, seed=0).train()
+    x, y = _batch(spec)
+    out = model(x)
+    assert out.shape == (BATCH, spec.num_classes)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    loss = loss_function(spec.task)(out, y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    params = dict(model.named_parameters())
+    assert params
+    no_grad = [k for k, p in params.items() if p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad}"
+    bad = [k for k, p in params.items() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
+    assert any(p.grad.abs().sum() > 0 for p in params.values())
+
+
+@pytest.mark.parametrize(("name", "spec_id"), _cases(skip_slow=True))
+def test_state_arrays_round_trip_gives_identical_outputs(name: str, spec_id: str) -> None:
+    spec = _spec(spec_id)
+    source = _build(name, spec, seed=1)
+    target = _build(name, spec, seed=2)
+    # Give every floating buffer (BatchNorm statistics) non-default values, so the round
+    # trip is checked for buffers as well as parameters.
+    with torch.no_grad():
+        for buf in source.buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+    arrays = state_arrays(source)
+    expected_keys = {k for k in source.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(arrays) == expected_keys
+    assert all(v.device.type == "cpu" for v in arrays.values())
+    target_state = target.state_dict()
+    assert any(not torch.equal(arrays[k], target_state[k]) for k in arrays)
+
+    load_arrays(target, arrays)
+    for k, v in target.state_dict().items():
+        if k in arrays:
+            assert torch.equal(v, arrays[k]), k
+    x, _ = _batch(spec, seed=3)
+    source.eval()
+    target.eval()
+    with torch.no_grad():
+        a, b = source(x), target(x)
+    assert a.shape == (BATCH, spec.num_classes)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("name", "spec_id"), _cases(skip_slow=False))
+def test_same_seed_builds_identical_models(name: str, spec_id: str) -> None:
+    spec = _spec(spec_id)
+    a = _build(name, spec, seed=7).state_dict()
+    b = _build(name, spec, seed=7).state_dict()
+    c = _build(name, spec, seed=8).state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_unknown_model_is_a_config_error_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--model") as info:
+        build_model("nope", _spec("pneumonia28"))
+    message = str(info.value)
+    assert "nope" in message
+    for name in MODELS:
+        assert name in message
+
+
+def test_load_arrays_rejects_arrays_of_another_model() -> None:
+    spec = _spec("pneumonia28")
+    model = _build("cnn", spec, seed=0)
+    arrays = state_arrays(model)
+    missing = dict(arrays)
+    dropped = next(iter(missing))
+    del missing[dropped]
+    with pytest.raises(ValueError, match="missing"):
+        load_arrays(model, missing)
+    extra = {**arrays, "not.a.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"not\.a\.weight"):
+        load_arrays(model, extra)
+
+
+def _bn(prefix: str) -> list[str]:
+    return [f"{prefix}.{s}" for s in ("weight", "bias", "running_mean", "running_var")] + [
+        f"{prefix}.num_batches_tracked"
+    ]
+
+
+def _torchvision_resnet18_keys() -> set[str]:
+    """The state_dict keys of ``torchvision.models.resnet18()``."""
+    keys = ["conv1.weight", *_bn("bn1"), "fc.weight", "fc.bias"]
+    for stage in range(1, 5):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            keys += [f"{p}.conv1.weight", *_bn(f"{p}.bn1"), f"{p}.conv2.weight", *_bn(f"{p}.bn2")]
+            if stage > 1 and block == 0:
+                keys += [f"{p}.downsample.0.weight", *_bn(f"{p}.downsample.1")]
+    return set(keys)
+
+
+def test_resnet18_uses_torchvision_parameter_names() -> None:
+    model = _build("resnet18", _spec("blood28"), seed=0)
+    state = model.state_dict()
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "fc.weight"):
+        assert key in state
+    assert set(state) == _torchvision_resnet18_keys()
+    assert state["fc.weight"].shape == (8, 512)
+    assert state["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+
+
+def test_resnet50_uses_bottleneck_blocks_with_torchvision_names() -> None:
+    state = _build("resnet50", _spec("pneumonia28"), seed=0).state_dict()
+    assert state["fc.weight"].shape == (2, 2048)
+    assert state["layer1.0.conv3.weight"].shape == (256, 64, 1, 1)
+    assert state["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+    assert "layer3.5.bn3.running_var" in state
+    assert "layer3.6.conv1.weight" not in state
+
+
+@pytest.mark.parametrize(("size", "kernel"), [(28, 3), (64, 3), (128, 7)])
+def test_resnet_stem_depends_on_image_size(size: int, kernel: int) -> None:
+    model = _build("resnet18", spec_for("pneumoniamnist", size), seed=0)
+    assert model.state_dict()["conv1.weight"].shape == (64, 1, kernel, kernel)
+
+
+def test_3d_resnet_uses_3d_convolutions() -> None:
+    state = _build("resnet18", _spec("organ3d28"), seed=0).state_dict()
+    assert state["conv1.weight"].shape == (64, 1, 3, 3, 3)
+    assert state["fc.weight"].shape == (11, 512)
