@@ -109,15 +109,43 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, handler)
 
 
+def resumable_run(args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
+    """The run directory and config of ``--resume RUN_DIR``; other experiment flags
+    are refused, since a resumed run must be the same experiment."""
+    run_dir = Path(args.resume).expanduser().absolute()
+    given = [
+        f"--{ExperimentConfig.flag(f.name)}"
+        for f in ExperimentConfig.knobs()
+        if getattr(args, f.name, None) is not None
+    ]
+    if given or args.config:
+        raise MedbloomError(
+            f"--resume takes the experiment from {run_dir}/config.json; "
+            f"drop {', '.join(given) or '--config'}"
+        )
+    info_file = run_dir / "config.json"
+    if not info_file.is_file():
+        raise MedbloomError(f"--resume {run_dir}: not a run directory (no config.json)")
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file() and json.loads(summary_file.read_text())["status"] == "finished":
+        raise MedbloomError(f"--resume {run_dir}: this run has already finished")
+    config = json.loads(info_file.read_text())["config"]
+    cfg = ExperimentConfig.from_mapping(config, str(info_file)).validate()
+    return run_dir, cfg.replace(out=str(run_dir))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from medbloom.experiment import prepare_run
     from medbloom.federation.server_app import RunInterrupted
     from medbloom.federation.simulation import run_simulation
 
-    cfg = config_from_args(args)
     _quiet_flower()
-    run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
-    cfg = cfg.replace(out=str(run_dir))
+    if args.resume:
+        run_dir, cfg = resumable_run(args)
+    else:
+        cfg = config_from_args(args)
+        run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
+        cfg = cfg.replace(out=str(run_dir))
     print(
         f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
         f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds"
@@ -125,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     with stop_on_signals() as stop:
         try:
-            run_simulation(cfg, run_dir, Progress(cfg.rounds), stop)
+            run_simulation(cfg, run_dir, Progress(cfg.rounds), stop, resume=bool(args.resume))
         except RunInterrupted:
             print(f"medbloom: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
             return 130
@@ -248,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run an experiment on Flower's simulation engine", epilog=EPILOG
     )
     _add_experiment_flags(run)
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run that was stopped or killed, from its last completed round",
+    )
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="list, fetch and partition data sets")

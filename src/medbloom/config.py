@@ -56,7 +56,7 @@ class ExperimentConfig:
     )
     model: str = _knob("cnn", "model name (see `medbloom models`)")
     strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
-    local_epochs: int = _knob(2, "local epochs per round on each client")
+    local_epochs: int = _knob(1, "local epochs per round on each client")
     batch_size: int = _knob(32, "local training batch size")
     lr: float = _knob(0.001, "client learning rate")
     optimizer: str = _knob("adam", "client optimizer", OPTIMIZERS)
@@ -71,7 +71,10 @@ class ExperimentConfig:
     )
     server_momentum: float = _knob(0.9, "server momentum (fedavgm)")
     trimmed_beta: float = _knob(0.2, "fraction trimmed at each end (fedtrimmedavg)")
-    round_timeout: float = _knob(600.0, "seconds to wait for client replies in a round")
+    round_timeout: float = _knob(
+        600.0, "seconds to wait for client replies in a round; late clients count as failed"
+    )
+    min_clients: int = _knob(2, "fewest live clients a round may run with (at most num-clients)")
     seed: int = _knob(42, "seed for partitions, model initialisation and training")
     device: str = _knob("auto", "where training runs", DEVICES)
     out: str = _knob("", "run directory; empty: runs/<time>-<dataset>-<strategy>")
@@ -127,6 +130,7 @@ class ExperimentConfig:
             ),
             (0 <= self.trimmed_beta < 0.5, "trimmed_beta", "a fraction in [0, 0.5)"),
             (self.round_timeout > 0, "round_timeout", "a number of seconds > 0"),
+            (self.min_clients >= 1, "min_clients", "an integer >= 1"),
             (self.size >= 1, "size", "28, 64, 128 or 224"),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
         ]

@@ -167,7 +167,19 @@ def create_run_dir(path: Path, files: Mapping[str, Any]) -> Path:
 class RunRecorder:
     """Appends per-round rows and keeps summary.json and checkpoints current."""
 
-    def __init__(self, path: Path, cfg: ExperimentConfig, spec_summary: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        cfg: ExperimentConfig,
+        spec_summary: Mapping[str, Any],
+        resume_round: int | None = None,
+    ) -> None:
+        """Open a run directory for recording.
+
+        With ``resume_round`` the records are cut back to that round (rows of a
+        round that was in flight when the run died are dropped, so it is recorded
+        once, when it is run again) and the best row is read back.
+        """
         self.path = path
         self.cfg = cfg
         self.spec_summary = dict(spec_summary)
@@ -175,6 +187,12 @@ class RunRecorder:
         self.best: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
         self.rows = 0
+        if resume_round is not None:
+            rows = truncate_records(path, resume_round)
+            self.rows = len(rows)
+            self.last = rows[-1] if rows else None
+            scored = [r for r in rows if r.get("val_auc") is not None]
+            self.best = max(scored, key=lambda r: r["val_auc"], default=None)
         self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
         self._clients = self._open_csv("clients.csv", CLIENT_COLUMNS)
         self.write_summary("running")
@@ -205,9 +223,14 @@ class RunRecorder:
         row: Mapping[str, Any],
         state: Mapping[str, torch.Tensor],
         per_class: Mapping[str, Any] | None = None,
+        resume_state: Mapping[str, Any] | None = None,
     ) -> bool:
         """Append one metrics row (and the test split's per-class report to
         ``per_class.jsonl``) and refresh checkpoints; return True if it is the new best.
+
+        The rows are written before ``latest.pt``: if the run dies in between, a
+        resumed run repeats that round and drops its rows first. ``resume_state``
+        (strategy state, random state, ...) goes into ``latest.pt`` only.
 
         The best model is the one with the highest validation AUC (ties: the earlier
         round), as the MedMNIST benchmark selects models on its validation split.
@@ -228,7 +251,7 @@ class RunRecorder:
             "metrics": row,
             "config": self.cfg.to_run_config(),
         }
-        atomic_torch_save(self.path / "checkpoints" / "latest.pt", ckpt)
+        atomic_torch_save(self.path / "checkpoints" / "latest.pt", {**ckpt, **(resume_state or {})})
         score = row.get("val_auc")
         is_best = (
             score is not None
@@ -266,6 +289,52 @@ class RunRecorder:
         self.write_summary(status, error)
         for fh, _ in (self._metrics, self._clients):
             fh.close()
+
+
+def _parse(value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value else number
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of a run's metrics.csv, numbers parsed, empty cells as None."""
+    file = path / "metrics.csv"
+    if not file.exists():
+        return []
+    with file.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: _parse(v) for k, v in r.items()} for r in rows if None not in r.values()]
+
+
+def truncate_records(path: Path, last_round: int) -> list[dict[str, Any]]:
+    """Drop every row of rounds after ``last_round`` from the run's CSV and JSONL
+    records; return the metrics rows kept."""
+    for name in ("metrics.csv", "clients.csv"):
+        file = path / name
+        if not file.exists():
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = lines[:1] + [
+            # Only whole lines: a line cut by a crash has no newline yet.
+            ln
+            for ln in lines[1:]
+            if ln.endswith("\n") and int(ln.split(",", 1)[0]) <= last_round
+        ]
+        atomic_write_text(file, "".join(kept))
+    per_class = path / "per_class.jsonl"
+    if per_class.exists():
+        kept = [
+            ln
+            for ln in per_class.read_text(encoding="utf-8").splitlines(keepends=True)
+            if ln.endswith("\n") and json.loads(ln)["round"] <= last_round
+        ]
+        atomic_write_text(per_class, "".join(kept))
+    return read_metrics(path)
 
 
 def _fmt(v: Any) -> Any:

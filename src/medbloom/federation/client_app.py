@@ -100,6 +100,13 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     """A ClientApp; with ``cfg`` it ignores the run config (used by ``medbloom run``)."""
     app = ClientApp()
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Say which partition this node holds, so the server can order nodes by
+        client, the same way in every run (node IDs are random)."""
+        pid = int(context.node_config.get("partition-id", -1))
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()

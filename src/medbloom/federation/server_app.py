@@ -10,23 +10,25 @@ the round ends.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
-from medbloom.data.types import DatasetSpec
+from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
 from medbloom.federation.strategies import build_strategy
 from medbloom.metrics import evaluate_scores, per_class_report
@@ -70,19 +72,38 @@ class RunInterrupted(Exception):
     """The user asked the run to stop (Ctrl-C or SIGTERM)."""
 
 
+class StopFlag(threading.Event):
+    """A stop request: set in this process, or by creating a file (another process).
+
+    ``medbloom launch`` runs the ServerApp in a process Flower starts; it asks that
+    process to stop by creating ``RUN_DIR/STOP``.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        super().__init__()
+        self.path = path
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.path is not None and self.path.exists())
+
+
 def exchange(
     grid: Grid,
     messages: Iterable[Message],
     timeout: float,
     stop: threading.Event | None = None,
     poll: float = 0.05,
-) -> list[Message]:
+) -> tuple[list[Message], list[int]]:
     """Send messages and collect replies until all are in, ``timeout`` passes, or ``stop``.
 
-    Flower's ``Grid.send_and_receive`` does the same but sleeps 3 s between polls
-    against a remote SuperLink and cannot be interrupted.
+    Returns the replies and the node IDs that did not answer in time. Flower's
+    ``Grid.send_and_receive`` does the same but sleeps 3 s between polls against a
+    remote SuperLink, cannot be interrupted and does not say who is missing.
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
@@ -97,26 +118,69 @@ def exchange(
             log.warning("%d replies still missing after %.0f s; going on", len(pending), timeout)
             break
         time.sleep(poll)
-    return replies
+    return replies, sorted(node_of[m] for m in pending)
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+class LiveGrid:
+    """The grid as the strategy should see it: without nodes that stopped answering.
+
+    Flower's strategies sample from every node the SuperLink still lists, and the
+    SuperLink keeps a dead node for about a minute; sampling it again would cost
+    another full wait. A node that failed is left out until it answers again,
+    which it can only do by rejoining (a restarted SuperNode gets a new node ID).
+    """
+
+    def __init__(self, grid: Grid, suspects: set[int]) -> None:
+        self._grid = grid
+        self.suspects = suspects
+        self.client_of: dict[int, int] = {}
+
+    def get_node_ids(self) -> list[int]:
+        """Live nodes in client order (Flower samples from this list with the
+        seeded ``random`` module, so the order makes the choice reproducible)."""
+        live = [n for n in self._grid.get_node_ids() if n not in self.suspects]
+        return sorted(live, key=lambda n: (self.client_of.get(n, 1 << 62), n))
+
+    def identify(self, timeout: float, stop: threading.Event | None = None) -> None:
+        """Ask nodes not yet known which client (partition) they are."""
+        unknown = [n for n in self._grid.get_node_ids() if n not in self.client_of]
+        if not unknown:
+            return
+        messages = [
+            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
+        ]
+        replies, _ = exchange(self._grid, messages, timeout, stop)
+        for reply in replies:
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                pid = int(_num(reply.content.metric_records["metrics"]["partition-id"]))
+                self.client_of[reply.metadata.src_node_id] = pid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def wait_for_nodes(
+    grid: Grid | LiveGrid,
+    wanted: int,
+    timeout: float,
+    stop: threading.Event | None = None,
+    hint: str = "",
+) -> list[int]:
     """Wait until ``wanted`` nodes are connected; fail with a clear message after ``timeout``."""
     start = time.monotonic()
     last_note = start
     while len(nodes := list(grid.get_node_ids())) < wanted:
         now = time.monotonic()
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("stopped by the user")
         if now - start > timeout:
             raise RuntimeError(
-                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; "
-                f'under `flwr run` pass --federation-config "num-supernodes={wanted}"'
+                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s{hint}"
             )
         if now - last_note > 10:
             log.warning("waiting for nodes: %d of %d connected", len(nodes), wanted)
             last_note = now
         time.sleep(0.2)
-    if len(nodes) > wanted:
-        log.warning("%d nodes are connected; the experiment expects %d", len(nodes), wanted)
     return nodes
 
 
@@ -134,6 +198,33 @@ def _num(value: object) -> float:
     return float(cast(float, value))
 
 
+def check_update(reply: Message, reference: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a client's update must not be aggregated, or None if it is sound.
+
+    An update must carry exactly the global model's arrays, with the same shapes,
+    all finite, and a positive ``num-examples``.
+    """
+    try:
+        arrays = reply.content.array_records["arrays"]
+        metrics = reply.content.metric_records["metrics"]
+    except KeyError as exc:
+        return f"reply lacks {exc}"
+    names = set(arrays.keys())
+    if names != set(reference):
+        missing, extra = sorted(set(reference) - names), sorted(names - set(reference))
+        return f"arrays do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, array in arrays.items():
+        values = array.numpy()
+        if tuple(values.shape) != reference[name]:
+            return f"array {name} has shape {tuple(values.shape)}, expected {reference[name]}"
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"array {name} holds non-finite values (NaN or Inf)"
+    n = metrics.get("num-examples")
+    if not isinstance(n, int | float) or not n > 0:
+        return f"num-examples is {n!r}, expected a positive number"
+    return None
+
+
 def _in_client_order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by client, so aggregation sums in the same order every run.
 
@@ -142,41 +233,74 @@ def _in_client_order(replies: Iterable[Message]) -> list[Message]:
     """
 
     def key(reply: Message) -> tuple[int, float]:
-        if reply.has_error():
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
             return (1, float(reply.metadata.src_node_id))
-        return (0, _num(reply.content.metric_records["metrics"]["partition-id"]))
+        return (0, _num(reply.content.metric_records["metrics"].get("partition-id", 0)))
 
     return sorted(replies, key=key)
 
 
-def _client_rows(
-    server_round: int, replies: Iterable[Message], node_to_client: dict[int, int]
-) -> tuple[list[dict[str, Any]], int, int]:
-    rows: list[dict[str, Any]] = []
-    ok = failed = 0
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failed += 1
-            rows.append(
-                {
-                    "round": server_round,
-                    "client_id": node_to_client.get(node, ""),
-                    "node_id": node,
-                    "status": "failed",
-                    "error": error_summary(reply.error.reason or ""),
-                }
-            )
-            log.warning("round %d: node %s failed: %s", server_round, node, reply.error.reason)
-            continue
-        ok += 1
-        m = reply.content.metric_records["metrics"]
-        cid = int(_num(m["partition-id"]))
-        node_to_client[node] = cid
-        rows.append(
+@dataclass
+class RoundOutcome:
+    """What one round's replies amount to."""
+
+    usable: list[Message]
+    rows: list[dict[str, Any]]
+    failed_nodes: list[int]  # failed or silent: left out of later rounds
+
+    @property
+    def ok(self) -> int:
+        return len(self.usable)
+
+    @property
+    def failed(self) -> int:
+        return len(self.rows) - len(self.usable)
+
+
+def sort_replies(
+    server_round: int,
+    replies: list[Message],
+    missing: list[int],
+    reference: dict[str, tuple[int, ...]],
+    node_to_client: dict[int, int],
+) -> RoundOutcome:
+    """Split a round's replies into usable updates and failures, one record row each."""
+    out = RoundOutcome([], [], [])
+
+    def failure(node: int, status: str, reason: str) -> None:
+        # A rejected update is dropped but its node stays in: the node is alive,
+        # and one bad update (an overflow, say) need not repeat.
+        if status != "rejected":
+            out.failed_nodes.append(node)
+        out.rows.append(
             {
                 "round": server_round,
-                "client_id": cid,
+                "client_id": node_to_client.get(node, ""),
+                "node_id": node,
+                "status": status,
+                "error": reason,
+            }
+        )
+        log.warning("round %d: node %s %s: %s", server_round, node, status, reason)
+
+    for reply in _in_client_order(replies):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failure(node, "failed", error_summary(reply.error.reason or ""))
+            continue
+        problem = check_update(reply, reference)
+        m = reply.content.metric_records.get("metrics")
+        if m is not None and "partition-id" in m:
+            node_to_client[node] = int(_num(m["partition-id"]))
+        if problem:
+            failure(node, "rejected", problem)
+            continue
+        assert m is not None
+        out.usable.append(reply)
+        out.rows.append(
+            {
+                "round": server_round,
+                "client_id": node_to_client[node],
                 "node_id": node,
                 "status": "ok",
                 "num_examples": int(_num(m["num-examples"])),
@@ -186,7 +310,9 @@ def _client_rows(
                 "seconds": _num(m.get("seconds", float("nan"))),
             }
         )
-    return rows, ok, failed
+    for node in missing:
+        failure(node, "timeout", "no reply within --round-timeout")
+    return out
 
 
 def run_federation(
@@ -195,37 +321,79 @@ def run_federation(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every round of the experiment over ``grid`` and record it in ``run_dir``.
 
-    Returns the last metrics row. Raises if a round gets no usable reply.
+    With ``resume`` the run continues after the last round in
+    ``checkpoints/latest.pt``: global model, strategy state (server optimizer
+    moments) and round number come back (client sampling and training are seeded
+    per round), and rows of a round in
+    flight are dropped, so the finished record equals an uninterrupted run's.
+
+    A node that fails or does not answer within ``round_timeout`` is recorded and
+    left out; the round aggregates the others. Rounds go on while at least
+    ``min_clients`` nodes remain. Returns the last metrics row.
     """
     set_threads(int(torch.get_num_threads()) if cfg.device == "cuda" else None)
-    random.seed(cfg.seed)  # Flower's node sampling uses the random module
     evaluator = Evaluator(cfg)
-    spec: DatasetSpec = evaluator.spec
     handler = attach_log_file(run_dir / "logs" / "server.log")
-    recorder = RunRecorder(run_dir, cfg, spec_summary(spec))
+    ckpt = _load_resume_state(run_dir) if resume else None
+    recorder = RunRecorder(
+        run_dir, cfg, spec_summary(evaluator.spec), resume_round=ckpt["round"] if ckpt else None
+    )
     status, error = "failed", None
+    live = LiveGrid(grid, set())
+    min_clients = min(cfg.min_clients, cfg.num_clients)
     try:
-        strategy = build_strategy(cfg)
-        arrays = ArrayRecord(state_arrays(evaluator.model))
-        wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout)
-        started = time.monotonic()
-        row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0, "elapsed_seconds": 0.0}
-        _record(recorder, row, arrays, on_round, cfg, evaluator.last_report)
-        node_to_client: dict[int, int] = {}
-        for server_round in range(1, cfg.rounds + 1):
+        if ckpt:
+            strategy = pickle.loads(ckpt["strategy"])
+            arrays = ArrayRecord(ckpt["model"])
+            first, offset = ckpt["round"] + 1, float(ckpt["metrics"]["elapsed_seconds"])
+            log.info("resuming after round %d of %d", ckpt["round"], cfg.rounds)
+        else:
+            strategy = build_strategy(cfg)
+            arrays = ArrayRecord(state_arrays(evaluator.model))
+            first, offset = 1, 0.0
+        reference = {k: tuple(v.shape) for k, v in arrays.to_torch_state_dict().items()}
+        wait_for_nodes(
+            live,
+            cfg.num_clients if not ckpt else min_clients,
+            cfg.round_timeout,
+            stop,
+            f'; under `flwr run` pass --federation-config "num-supernodes={cfg.num_clients}"',
+        )
+        started = time.monotonic() - offset
+        row: dict[str, Any] = dict(ckpt["metrics"]) if ckpt else {}
+        if not ckpt:
+            row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0, "elapsed_seconds": 0.0}
+            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
+        for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
+            wait_for_nodes(
+                live,
+                min_clients,
+                cfg.round_timeout,
+                stop,
+                f" (--min-clients {min_clients}; {len(live.suspects)} failed and were left out)",
+            )
             t0 = time.monotonic()
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = _in_client_order(exchange(grid, messages, cfg.round_timeout, stop))
-            client_rows, ok, failed = _client_rows(server_round, replies, node_to_client)
-            recorder.record_clients(client_rows)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            if new_arrays is None:
+            live.identify(cfg.round_timeout, stop)
+            # Flower samples nodes with the global `random` module, which other code in
+            # this process also draws from: seeding it per round makes the choice
+            # depend on (seed, round, live clients) only, also across a resume.
+            random.seed(cfg.seed * 1_000_003 + server_round)
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), live)
+            replies, missing = exchange(grid, messages, cfg.round_timeout, stop)
+            outcome = sort_replies(server_round, replies, missing, reference, live.client_of)
+            live.suspects.update(outcome.failed_nodes)
+            recorder.record_clients(outcome.rows)
+            if not outcome.usable:
                 raise RuntimeError(f"round {server_round}: no client returned a usable update")
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
+            if new_arrays is None:
+                raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
             arrays = new_arrays
             now = time.monotonic()
             row = {
@@ -235,12 +403,12 @@ def run_federation(
                 "train_accuracy": _num(train_metrics["train_accuracy"])
                 if train_metrics
                 else float("nan"),
-                "clients_ok": ok,
-                "clients_failed": failed,
+                "clients_ok": outcome.ok,
+                "clients_failed": outcome.failed,
                 "round_seconds": now - t0,
                 "elapsed_seconds": now - started,
             }
-            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report)
+            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
         status = "finished"
         return row
     except RunInterrupted as exc:
@@ -256,6 +424,16 @@ def run_federation(
         detach_log_file(handler)
 
 
+def _load_resume_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "checkpoints" / "latest.pt"
+    if not path.exists():
+        raise MedbloomError(f"--resume {run_dir}: no checkpoints/latest.pt, nothing to resume")
+    ckpt: dict[str, Any] = torch.load(path, weights_only=False)
+    if "strategy" not in ckpt:
+        raise MedbloomError(f"--resume {run_dir}: {path} has no resume state")
+    return ckpt
+
+
 def _record(
     recorder: RunRecorder,
     row: dict[str, Any],
@@ -263,8 +441,10 @@ def _record(
     on_round: RoundCallback | None,
     cfg: ExperimentConfig,
     per_class: dict[str, Any],
+    strategy: Any,
 ) -> None:
-    is_best = recorder.record_round(row, arrays.to_torch_state_dict(), per_class)
+    resume_state = {"strategy": pickle.dumps(strategy)}
+    is_best = recorder.record_round(row, arrays.to_torch_state_dict(), per_class, resume_state)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",
         row["round"],
@@ -301,17 +481,35 @@ def make_server_app(
     run_dir: Path | None = None,
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
+    resume: bool = False,
 ) -> ServerApp:
-    """A ServerApp. ``medbloom run`` passes a prepared config and run directory;
-    under ``flwr run`` both come from the run config."""
+    """A ServerApp. ``medbloom run`` passes a prepared config and run directory.
+
+    Under ``flwr run`` both come from the run config: an ``out`` that
+    ``medbloom launch`` prepared (it holds config.json) is used as it is, and one
+    that holds a checkpoint is resumed; otherwise a new run directory is made.
+    Creating ``out/STOP`` stops the run (``medbloom launch`` does so on Ctrl-C).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
-        path = run_dir or prepare_run(run_cfg, argv=["flwr", "run"])
-        flwr_log(INFO, "medbloom run directory: %s", path)
-        run_federation(grid, run_cfg, path, on_round or _log_progress(run_cfg.rounds), stop)
+        path, resuming = run_dir, resume
+        if path is None and run_cfg.out and (Path(run_cfg.out) / "config.json").exists():
+            path = Path(run_cfg.out)
+            resuming = (path / "checkpoints" / "latest.pt").exists()
+        if path is None:
+            path = prepare_run(run_cfg, argv=["flwr", "run"])
+        flwr_log(INFO, "medbloom run directory: %s%s", path, " (resuming)" if resuming else "")
+        run_federation(
+            grid,
+            run_cfg,
+            path,
+            on_round or _log_progress(run_cfg.rounds),
+            stop or StopFlag(path / "STOP"),
+            resume=resuming,
+        )
 
     return app
 

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp import ClientApp
+
 from medbloom.config import ExperimentConfig
 from medbloom.federation.client_app import make_client_app
 from medbloom.federation.server_app import RoundCallback, make_server_app
@@ -41,6 +43,8 @@ def run_simulation(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
+    resume: bool = False,
+    client_app: ClientApp | None = None,
 ) -> None:
     """Run every round; return when the Simulation Engine and Ray have shut down.
 
@@ -49,8 +53,8 @@ def run_simulation(
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    server = make_server_app(cfg, run_dir, on_round, stop)
-    client = make_client_app(cfg)
+    server = make_server_app(cfg, run_dir, on_round, stop, resume)
+    client = client_app or make_client_app(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
