@@ -12,13 +12,14 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install run test lint bench clean help
+.PHONY: install run test lint bench dashboard clean help
 
 help:
 	@echo "make run    set up .venv, install, run the default experiment (ARGS='--rounds 5' to change it)"
 	@echo "make test   install dev dependencies, run lint, type checks and the whole test suite"
 	@echo "make lint   ruff and mypy only"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
+	@echo "make dashboard  live dashboard of ./runs on http://127.0.0.1:8501"
 
 # torch first, pinned to the CPU build: a looser request makes pip pull several GB of CUDA
 # packages. medmnist with --no-deps: its own requirements pull torchvision (and a CUDA torch),
@@ -42,6 +43,9 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+dashboard: $(STAMP)
+	$(BIN)/medbloom dashboard $(ARGS)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -467,7 +467,7 @@ def test_bad_file_is_a_data_error(
     prefix = f"{path}: "
     msg = str(info.value)
     assert msg.startswith(prefix), msg
-    assert msg[len(prefix):] == problem or msg[len(prefix):].startswith(problem), msg
+    assert msg[len(prefix) :] == problem or msg[len(prefix) :].startswith(problem), msg
 
 
 def _assert_unreadable(exc: pytest.ExceptionInfo[DataError], path: Path) -> None:
@@ -695,9 +695,7 @@ def test_fetch_interrupted_download_leaves_nothing(
     assert _listing(tmp_path) == []
 
 
-def test_fetch_http_404(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fetch_http_404(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = server.base + "/missing.npz"
     _point_at(monkeypatch, url, "0" * 32)
     with pytest.raises(DataError) as info:

@@ -315,8 +315,16 @@ def test_pathological_rare_class_for_many_clients() -> None:
 # Recorded with flwr-datasets 0.6.1 / numpy 2 on the official pneumoniamnist.npz.
 REAL_SIZES = [2189, 729, 15, 547, 62, 151, 106, 96, 337, 476]
 REAL_COUNTS = [
-    [175, 2014], [279, 450], [2, 13], [164, 383], [4, 58],
-    [30, 121], [97, 9], [68, 28], [232, 105], [163, 313],
+    [175, 2014],
+    [279, 450],
+    [2, 13],
+    [164, 383],
+    [4, 58],
+    [30, 121],
+    [97, 9],
+    [68, 28],
+    [232, 105],
+    [163, 313],
 ]
 
 

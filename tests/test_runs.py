@@ -317,8 +317,17 @@ def test_recorder_client_rows(run_dir: Path, cfg: ExperimentConfig) -> None:
     rec = RunRecorder(run_dir, cfg, SPEC_SUMMARY)
     rec.record_clients(
         [
-            {"round": 1, "client_id": 0, "node_id": 11, "status": "ok", "num_examples": 50,
-             "train_loss": 0.25, "train_accuracy": 0.9, "local_val_accuracy": NAN, "seconds": 2.0},
+            {
+                "round": 1,
+                "client_id": 0,
+                "node_id": 11,
+                "status": "ok",
+                "num_examples": 50,
+                "train_loss": 0.25,
+                "train_accuracy": 0.9,
+                "local_val_accuracy": NAN,
+                "seconds": 2.0,
+            },
             {"round": 1, "client_id": "", "node_id": 12, "status": "failed", "error": "boom"},
         ]
     )
@@ -333,9 +342,7 @@ def test_recorder_client_rows(run_dir: Path, cfg: ExperimentConfig) -> None:
     assert rows[1]["num_examples"] == ""
 
 
-def test_recorder_appends_to_an_existing_metrics_file(
-    run_dir: Path, cfg: ExperimentConfig
-) -> None:
+def test_recorder_appends_to_an_existing_metrics_file(run_dir: Path, cfg: ExperimentConfig) -> None:
     rec = RunRecorder(run_dir, cfg, SPEC_SUMMARY)
     rec.record_round(_row(0, 0.5), _state(0))
     rec.close("failed")

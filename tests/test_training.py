@@ -113,8 +113,16 @@ def _train_copy(start: nn.Module, seed: int, mu: float = 0.0, **kw: object) -> n
     model = copy.deepcopy(start)
     x, y = bright_dark(48, seed=5)
     train_local(
-        model, x, y, task="binary-class", epochs=2, batch_size=8, lr=1e-2, seed=seed,
-        proximal_mu=mu, **kw,
+        model,
+        x,
+        y,
+        task="binary-class",
+        epochs=2,
+        batch_size=8,
+        lr=1e-2,
+        seed=seed,
+        proximal_mu=mu,
+        **kw,
     )
     return model
 

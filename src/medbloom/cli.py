@@ -112,6 +112,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
 def resumable_run(args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
     """The run directory and config of ``--resume RUN_DIR``; other experiment flags
     are refused, since a resumed run must be the same experiment."""
+    from medbloom.experiment import load_run_config
+
     run_dir = Path(args.resume).expanduser().absolute()
     given = [
         f"--{ExperimentConfig.flag(f.name)}"
@@ -123,19 +125,16 @@ def resumable_run(args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
             f"--resume takes the experiment from {run_dir}/config.json; "
             f"drop {', '.join(given) or '--config'}"
         )
-    info_file = run_dir / "config.json"
-    if not info_file.is_file():
+    if not (run_dir / "config.json").is_file():
         raise MedbloomError(f"--resume {run_dir}: not a run directory (no config.json)")
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and json.loads(summary_file.read_text())["status"] == "finished":
         raise MedbloomError(f"--resume {run_dir}: this run has already finished")
-    config = json.loads(info_file.read_text())["config"]
-    cfg = ExperimentConfig.from_mapping(config, str(info_file)).validate()
-    return run_dir, cfg.replace(out=str(run_dir))
+    return run_dir, load_run_config(run_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from medbloom.experiment import prepare_run
+    from medbloom.experiment import load_run_config, prepare_run
     from medbloom.federation.server_app import RunInterrupted
     from medbloom.federation.simulation import run_simulation
 
@@ -143,9 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir, cfg = resumable_run(args)
     else:
-        cfg = config_from_args(args)
-        run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
-        cfg = cfg.replace(out=str(run_dir))
+        run_dir = prepare_run(config_from_args(args), argv=["medbloom", *sys.argv[1:]])
+        cfg = load_run_config(run_dir)
     print(
         f"medbloom {__version__}: {cfg.dataset} ({cfg.size}px), {cfg.num_clients} clients, "
         f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds"
@@ -206,14 +204,22 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"data root: {root}")
         print(f"{'name':<16} {'dims':<4} {'task':<26} {'classes':>7}  {'sizes':<14} on disk")
         for name in dataset_names():
-            spec = spec_of(name, 28)
-            have = [
-                str(s) for s in medmnist.sizes(name) if medmnist.file_path(name, s, root).is_file()
-            ]
+            spec = spec_of(name, 0)
+            if name in medmnist.info():
+                sizes = ",".join(map(str, medmnist.sizes(name)))
+                have = ",".join(
+                    str(s)
+                    for s in medmnist.sizes(name)
+                    if medmnist.file_path(name, s, root).is_file()
+                )
+            else:
+                sizes = "any"
+                have = "yes" if (root / name / "Training").is_dir() else ""
             print(
                 f"{name:<16} {spec.spatial_dims}D   {spec.task:<26} {spec.num_classes:>7}  "
-                f"{','.join(map(str, medmnist.sizes(name))):<14} {','.join(have) or '-'}"
+                f"{sizes:<14} {have or '-'}"
             )
+        print("any class-folder image set: --dataset folder:PATH (see README)")
         return 0
     if args.data_cmd == "fetch":
         path = medmnist.fetch(args.dataset, args.size, args.data_dir)
@@ -245,6 +251,21 @@ def cmd_data(args: argparse.Namespace) -> int:
             f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
             + " ".join(f"{c:>{width}}" for c in counts)
         )
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from medbloom.dashboard import launch
+
+    print(f"medbloom dashboard on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    return launch(Path(args.runs), args.port)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medbloom.plots import write_report
+
+    for path in write_report(Path(args.run_dir)):
+        print(path)
     return 0
 
 
@@ -294,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     part = dsub.add_parser("partition", help="print each client's label counts for a partition")
     _add_experiment_flags(part)
     data.set_defaults(func=cmd_data)
+
+    dash = sub.add_parser("dashboard", help="live dashboard of run directories (Streamlit)")
+    dash.add_argument("--runs", default="runs", help="folder holding run directories")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.set_defaults(func=cmd_dashboard)
+
+    report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
 
     models = sub.add_parser("models", help="list the models")
     models.set_defaults(func=cmd_models)

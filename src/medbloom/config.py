@@ -43,7 +43,11 @@ class ExperimentConfig:
     """Every setting of one federated experiment, with its default."""
 
     dataset: str = _knob("pneumoniamnist", "data set name (see `medbloom data list`)")
-    size: int = _knob(28, "MedMNIST image size: 28, 64, 128 or 224 (3D sets: 28 or 64)")
+    size: int = _knob(
+        0,
+        "image size; 0: the data set's default (MedMNIST 28, folder sets 64); "
+        "MedMNIST: 28, 64, 128 or 224 (3D: 28 or 64)",
+    )
     data_dir: str = _knob("", "data root; empty: $MEDBLOOM_DATA_DIR, else the user cache directory")
     num_clients: int = _knob(10, "number of hospitals (clients)")
     rounds: int = _knob(20, "federated rounds")
@@ -131,7 +135,7 @@ class ExperimentConfig:
             (0 <= self.trimmed_beta < 0.5, "trimmed_beta", "a fraction in [0, 0.5)"),
             (self.round_timeout > 0, "round_timeout", "a number of seconds > 0"),
             (self.min_clients >= 1, "min_clients", "an integer >= 1"),
-            (self.size >= 1, "size", "28, 64, 128 or 224"),
+            (self.size >= 0, "size", "0 (the data set's default) or a size in pixels"),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
         ]
         for ok, name, expected in checks:

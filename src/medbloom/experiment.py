@@ -8,6 +8,7 @@ process loads and partitions its data once, not once per round.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +21,9 @@ from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
-from medbloom.data.registry import load_dataset, spec_of
+from medbloom.data.registry import load_dataset, resolve_size, spec_of
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
+from medbloom.errors import MedbloomError
 from medbloom.federation.strategies import build_strategy
 from medbloom.models import build_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
@@ -144,6 +146,15 @@ def spec_summary(spec: DatasetSpec) -> dict[str, Any]:
     }
 
 
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """The resolved config a run directory was made with (its ``config.json``)."""
+    info_file = run_dir / "config.json"
+    if not info_file.is_file():
+        raise MedbloomError(f"{run_dir}: not a run directory (no config.json)")
+    config = json.loads(info_file.read_text(encoding="utf-8"))["config"]
+    return ExperimentConfig.from_mapping(config, str(info_file)).validate()
+
+
 def prepare_run(
     cfg: ExperimentConfig, argv: list[str] | None = None, runs_root: str | os.PathLike[str] = "runs"
 ) -> Path:
@@ -157,6 +168,7 @@ def prepare_run(
     build_model(cfg.model, spec_of(cfg.dataset, cfg.size))
     build_strategy(cfg)
     resolve_device(cfg.device)
+    cfg = cfg.replace(size=resolve_size(cfg.dataset, cfg.size))
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()
     check_writable(out)

@@ -421,7 +421,18 @@ def run_federation(
         raise
     finally:
         recorder.close(status, error)
+        _write_plots(run_dir)
         detach_log_file(handler)
+
+
+def _write_plots(run_dir: Path) -> None:
+    """The run's PNG plots; a plotting problem is logged, never fatal to the run."""
+    from medbloom.plots import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as exc:
+        log.warning("could not write the plots: %s", exc)
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
