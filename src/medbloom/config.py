@@ -32,6 +32,9 @@ STRATEGIES = (
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTINGS = ("balanced", "none")
+PRETRAINED = ("none", "imagenet")
+FREEZE = ("none", "features")
+AUGMENT = ("none", "light")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -59,6 +62,13 @@ class ExperimentConfig:
         0.1, "share of each client's partition kept for local validation"
     )
     model: str = _knob("cnn", "model name (see `medbloom models`)")
+    pretrained: str = _knob(
+        "none", "start from ImageNet weights (resnet18, resnet50, vgg16)", PRETRAINED
+    )
+    freeze: str = _knob("none", "train only the classifier head ('features' frozen)", FREEZE)
+    augment: str = _knob(
+        "none", "augmentation in local training (flips, small affine, intensity)", AUGMENT
+    )
     strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
     local_epochs: int = _knob(1, "local epochs per round on each client")
     batch_size: int = _knob(32, "local training batch size")

@@ -129,7 +129,7 @@ def initial_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     """The global model of round 0, seeded so every run with this seed starts alike."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model, spec)
+        return build_model(cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze)
 
 
 def spec_summary(spec: DatasetSpec) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def prepare_run(
     """
     cfg.validate()
     spec_of(cfg.dataset, cfg.size)
-    build_model(cfg.model, spec_of(cfg.dataset, cfg.size))
+    initial_model(cfg, spec_of(cfg.dataset, cfg.size))
     build_strategy(cfg)
     resolve_device(cfg.device)
     cfg = cfg.replace(size=resolve_size(cfg.dataset, cfg.size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +80,11 @@ def loss_function(task: str, weights: torch.Tensor | None = None) -> nn.Module:
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers stay put
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ConfigError(f"--optimizer {name!r} is unknown: expected adam or sgd")
 
 
@@ -109,8 +111,11 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one client's tensors and return mean loss and accuracy.
+
+    ``augment`` transforms each batch of images (on the device) before the forward pass.
 
     With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` is added,
     ``w_global`` being the weights the model had on entry.
@@ -129,6 +134,8 @@ def train_local(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
+            if augment is not None:
+                xb = augment(xb)
             opt.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = criterion(logits, yb)

@@ -4,9 +4,10 @@ weights and metrics only."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -25,15 +26,24 @@ from medbloom.training import (
     train_local,
 )
 
-_MODELS: dict[tuple[str, str, int], nn.Module] = {}
+_MODELS: dict[tuple[str, str, int, str], nn.Module] = {}
 
 
-def _model(name: str, spec: DatasetSpec) -> nn.Module:
-    # Built once per process and overwritten with the global weights each round.
-    key = (name, spec.name, spec.image_size)
+def _model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
+    # Built once per process and overwritten with the global weights each round;
+    # never with pretrained weights: those come from the server in round 1.
+    key = (cfg.model, spec.name, spec.image_size, cfg.freeze)
     if key not in _MODELS:
-        _MODELS[key] = build_model(name, spec)
+        _MODELS[key] = build_model(cfg.model, spec, freeze=cfg.freeze)
     return _MODELS[key]
+
+
+def _augmenter(kind: str, dims: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if kind == "none":
+        return None
+    from medbloom.augment import make_augmenter
+
+    return make_augmenter(kind, dims)
 
 
 def node_config_of(
@@ -60,7 +70,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
     set_threads()
     cfg, pid, num = node_config_of(cfg, context.node_config)
     data = client_data(cfg, pid, num)
-    model = _model(cfg.model, data.spec)
+    model = _model(cfg, data.spec)
     load_arrays(model, msg.content.array_records["arrays"].to_torch_state_dict())
     config = msg.content.config_records["config"]
     server_round = int(cast(int, config.get("server-round", 0)))
@@ -79,6 +89,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         seed=client_seed(cfg.seed, server_round, pid),
         device=device,
+        augment=_augmenter(cfg.augment, data.spec.spatial_dims),
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train_loss": result.train_loss,

@@ -60,8 +60,20 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-def build_model(name: str, spec: DatasetSpec) -> nn.Module:
-    """Build a freshly initialised model for a data set; unknown names raise ConfigError."""
+def build_model(
+    name: str, spec: DatasetSpec, *, pretrained: str = "none", freeze: str = "none"
+) -> nn.Module:
+    """Build a model for a data set; unknown names raise ConfigError.
+
+    ``pretrained="imagenet"`` loads ImageNet weights into the backbone;
+    ``freeze="features"`` leaves only the classifier head trainable.
+    """
     if name not in MODELS:
         raise ConfigError(f"--model {name!r} is unknown: expected one of {', '.join(MODELS)}")
-    return MODELS[name].build(spec)
+    if pretrained != "none":
+        raise ConfigError(f"--pretrained {pretrained}: not available for --model {name}")
+    model = MODELS[name].build(spec)
+    if freeze == "features":
+        for pname, param in model.named_parameters():
+            param.requires_grad = pname.startswith("fc.")
+    return model
