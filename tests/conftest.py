@@ -23,7 +23,7 @@ def shared_data_root() -> Path:
 
 def ray_processes() -> set[int]:
     """PIDs of Ray's own processes on this machine (workers, raylet, GCS)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     pids = set()
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")

@@ -265,7 +265,7 @@ def test_models_lists_every_model(cwd: Path) -> None:
     proc = medbloom("models", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert names == ["cnn", "resnet18", "resnet50"]
+    assert names == ["cnn", "resnet18", "resnet50", "vgg16"]
 
 
 ALL_FLAGS = [

@@ -138,7 +138,7 @@ def test_flwr_run_is_the_same_experiment(shared_data_root: Path, tmp_path: Path)
 
 
 def _stop_local_superlink(flwr_home: Path) -> None:
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     for line in ps.splitlines():
         pid, _, args = line.strip().partition(" ")
         if "flower-superlink" in args and str(flwr_home) in args:

@@ -254,6 +254,95 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from medbloom.experiment import load_run_config, prepare_run
+    from medbloom.launch import launch
+
+    if args.resume:
+        run_dir, cfg = resumable_run(args)
+    else:
+        run_dir = prepare_run(config_from_args(args), argv=["medbloom", *sys.argv[1:]])
+        cfg = load_run_config(run_dir)
+    mode = "TLS + node authentication" if args.secure else "insecure, 127.0.0.1 only"
+    print(
+        f"medbloom {__version__}: deployment of {cfg.num_clients} hospital processes and a "
+        f"SuperLink on 127.0.0.1 ({mode})"
+    )
+    print(f"run directory: {run_dir} (per-process logs in {run_dir / 'logs'})", flush=True)
+    with stop_on_signals() as stop:
+        status = launch(
+            cfg,
+            run_dir,
+            secure=args.secure,
+            certs_dir=Path(args.certs) if args.certs else None,
+            on_round=Progress(cfg.rounds),
+            stop=stop,
+            resume=bool(args.resume),
+        )
+    if status == "interrupted":
+        print(f"medbloom: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
+        return 130
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if status != "finished":
+        print(f"medbloom: the run {status}: {summary.get('error', 'see logs')}", file=sys.stderr)
+        return 1
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from medbloom.certs import make_certs
+
+    bundle = make_certs(
+        Path(args.out), args.num_nodes, hosts=args.host or ["127.0.0.1", "localhost"]
+    )
+    print(
+        f"CA {bundle.ca_cert}, server certificate {bundle.server_cert}, "
+        f"{bundle.num_nodes} node key pairs in {bundle.directory}"
+    )
+    print(
+        "give each hospital ca.crt and its own node_<i>; keep ca.key and server.key on the server"
+    )
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from medbloom.launch import check_host, flower_env
+
+    home = Path(args.flwr_home).expanduser().absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    if args.certs:
+        from medbloom.certs import connection_toml, load_bundle
+
+        bundle = load_bundle(Path(args.certs))
+        tls = bundle.superlink_tls_args()
+        table = connection_toml("medbloom", f"{args.host}:{args.port}", bundle.ca_cert)
+    else:
+        check_host(args.host, args.allow_insecure_remote)
+        tls = ["--insecure"]
+        table = f'[superlink.medbloom]\naddress = "{args.host}:{args.port}"\ninsecure = true\n'
+    (home / "config.toml").write_text(table)
+    cmd = [
+        "flower-superlink",
+        *tls,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--database",
+        str(home / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    print(
+        f"SuperLink on {args.host}:{args.port}; connection 'medbloom' written to "
+        f"{home / 'config.toml'} (FLWR_HOME={home})",
+        flush=True,
+    )
+    return subprocess.call(cmd, env=flower_env(home))
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from medbloom.dashboard import launch
 
@@ -316,6 +405,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_flags(part)
     data.set_defaults(func=cmd_data)
 
+    launch_p = sub.add_parser(
+        "launch",
+        help="run an experiment as real processes: a SuperLink and one per hospital",
+        epilog=EPILOG,
+    )
+    _add_experiment_flags(launch_p)
+    launch_p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    launch_p.add_argument(
+        "--secure", action="store_true", help="TLS and SuperNode authentication (keys in --certs)"
+    )
+    launch_p.add_argument(
+        "--certs", metavar="DIR", help="certificates from `medbloom certs` (default: RUN_DIR/certs)"
+    )
+    launch_p.set_defaults(func=cmd_launch)
+
+    server = sub.add_parser("server", help="start the SuperLink of a multi-site deployment")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--certs", metavar="DIR", help="TLS + node authentication from DIR")
+    server.add_argument("--flwr-home", default="~/.flwr-medbloom", metavar="DIR")
+    server.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="allow serving without TLS on a non-loopback address (warns)",
+    )
+    server.set_defaults(func=cmd_server)
+
+    node = sub.add_parser(
+        "node",
+        help="one hospital: a SuperNode with medbloom's ClientApp (flower-supernode flags)",
+        add_help=False,
+    )
+    node.set_defaults(func=None)
+
+    certs = sub.add_parser("certs", help="make a local CA, server certificate and node keys")
+    certs.add_argument("--out", default="certs")
+    certs.add_argument("--num-nodes", type=int, default=3)
+    certs.add_argument("--host", action="append", help="server name or IP (repeatable)")
+    certs.set_defaults(func=cmd_certs)
+
     dash = sub.add_parser("dashboard", help="live dashboard of run directories (Streamlit)")
     dash.add_argument("--runs", default="runs", help="folder holding run directories")
     dash.add_argument("--port", type=int, default=8501)
@@ -331,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["node"]:
+        # flower-supernode's flags pass through untouched
+        from medbloom.federation.node import main as node_main
+
+        node_main(argv[1:])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

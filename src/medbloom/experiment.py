@@ -103,7 +103,16 @@ class ClientData:
 
 @lru_cache(maxsize=2)
 def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """One client's local train and validation tensors and its loss weights."""
+    """One client's local train and validation tensors and its loss weights.
+
+    ``partition_id`` -1 means the node's whole training split (its own data).
+    """
+    if partition_id == -1:
+        splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+        train_idx, val_idx = part.split_local(
+            np.arange(len(splits.train)), cfg.local_val_fraction, cfg.seed, 0
+        )
+        return _client_data(cfg, splits, train_idx, val_idx)
     if num_partitions != cfg.num_clients:
         raise ValueError(
             f"this node is one of {num_partitions} partitions but num-clients is "
@@ -113,7 +122,13 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
     p = partitions_for(cfg)[partition_id]
-    train, val = splits.train.subset(p.train), splits.train.subset(p.val)
+    return _client_data(cfg, splits, p.train, p.val)
+
+
+def _client_data(
+    cfg: ExperimentConfig, splits: Splits, train_idx: np.ndarray, val_idx: np.ndarray
+) -> ClientData:
+    train, val = splits.train.subset(train_idx), splits.train.subset(val_idx)
     weights = class_weights(train.labels, splits.spec.num_classes, cfg.class_weighting)
     return ClientData(splits.spec, TensorSplit.of(train), TensorSplit.of(val), weights)
 

@@ -129,29 +129,34 @@ def train_local(
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
     total_loss, total_correct, total_seen, steps = 0.0, 0.0, 0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = x[idx], y[idx]
-            if augment is not None:
-                xb = augment(xb)
-            opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = criterion(logits, yb)
-            if global_params:
-                prox = sum(
-                    ((p - g) ** 2).sum()
-                    for p, g in zip(model.parameters(), global_params, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                total_loss += float(loss) * len(idx)
-                total_correct += _correct(logits, yb, task)
-                total_seen += len(idx)
-            steps += 1
+    # Augmentation and dropout draw from torch's global generator: seed a private copy
+    # of it, so a client's update depends on its seed only and the caller's state is kept.
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen).to(device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                xb, yb = x[idx], y[idx]
+                if augment is not None:
+                    xb = augment(xb)
+                opt.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = criterion(logits, yb)
+                if global_params:
+                    prox = sum(
+                        ((p - g) ** 2).sum()
+                        for p, g in zip(model.parameters(), global_params, strict=True)
+                    )
+                    loss = loss + 0.5 * proximal_mu * prox
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    total_loss += float(loss) * len(idx)
+                    total_correct += _correct(logits, yb, task)
+                    total_seen += len(idx)
+                steps += 1
     mean_loss = total_loss / max(total_seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"local training diverged (loss {mean_loss}); lower --lr")

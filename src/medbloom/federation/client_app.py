@@ -26,33 +26,38 @@ from medbloom.training import (
     train_local,
 )
 
-_MODELS: dict[tuple[str, str, int, str], nn.Module] = {}
+_MODELS: dict[tuple[str, str, int, str, str], nn.Module] = {}
 
 
 def _model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     # Built once per process and overwritten with the global weights each round;
     # never with pretrained weights: those come from the server in round 1.
-    key = (cfg.model, spec.name, spec.image_size, cfg.freeze)
+    key = (cfg.model, spec.name, spec.image_size, cfg.pretrained, cfg.freeze)
     if key not in _MODELS:
-        _MODELS[key] = build_model(cfg.model, spec, freeze=cfg.freeze)
+        _MODELS[key] = build_model(
+            cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False
+        )
     return _MODELS[key]
 
 
-def _augmenter(kind: str, dims: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _augmenter(kind: str, spec: DatasetSpec) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if kind == "none":
         return None
     from medbloom.augment import make_augmenter
 
-    return make_augmenter(kind, dims)
+    # OrganMNIST labels name body sides (left/right kidney, lung, femur): no flips there.
+    return make_augmenter(kind, spec.spatial_dims, flip=not spec.name.startswith("organ"))
 
 
 def node_config_of(
     cfg: ExperimentConfig, node_config: Mapping[str, Any]
 ) -> tuple[ExperimentConfig, int, int]:
-    """The experiment as this node sees it: its partition and, if set, its own data root."""
-    if "partition-id" not in node_config:
-        raise ValueError("node config has no partition-id: start the node with --node-config")
-    pid = int(node_config["partition-id"])
+    """The experiment as this node sees it: its partition and, if set, its own data root.
+
+    A node without ``partition-id`` is a hospital with data of its own: it trains on
+    the whole training split under its ``data-dir`` (partition -1).
+    """
+    pid = int(node_config.get("partition-id", -1))
     num = int(node_config.get("num-partitions", cfg.num_clients))
     if node_config.get("data-dir"):
         cfg = cfg.replace(data_dir=str(node_config["data-dir"]))
@@ -89,7 +94,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         seed=client_seed(cfg.seed, server_round, pid),
         device=device,
-        augment=_augmenter(cfg.augment, data.spec.spatial_dims),
+        augment=_augmenter(cfg.augment, data.spec),
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train_loss": result.train_loss,

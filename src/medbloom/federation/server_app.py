@@ -413,7 +413,7 @@ def run_federation(
         return row
     except RunInterrupted as exc:
         status, error = "interrupted", str(exc)
-        log.warning("run interrupted after round %s", recorder.rows - 1)
+        log.warning("run interrupted after %d recorded rounds", max(recorder.rows - 1, 0))
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"

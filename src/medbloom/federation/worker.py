@@ -112,10 +112,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", default="127.0.0.1:9094")
     parser.add_argument("--root-certificates", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     serve(args.runtime_api_address, args.root_certificates)
+
+
+def setup_logging() -> None:
+    """medbloom's messages at INFO; httpx would log every 50 ms poll, so only its warnings."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("medbloom").addHandler(handler)
+    logging.getLogger("medbloom").setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medbloom.models.layers import conv, global_pool, max_pool, norm
+from medbloom.models.layers import Backbone, conv, global_pool, max_pool, norm
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
     """Two conv-conv-pool stages (32 and 64 channels), global average pooling, a linear head.
 
     Global pooling makes it work at any input size; GroupNorm (the default) keeps no
     running statistics that non-IID clients would pull apart.
     """
+
+    head = ("fc.",)
+    first_conv = "features.0.weight"
 
     def __init__(
         self,

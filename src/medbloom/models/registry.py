@@ -10,14 +10,25 @@ from torch import nn
 from medbloom.data.types import DatasetSpec
 from medbloom.errors import ConfigError
 from medbloom.models.cnn import SmallCNN
+from medbloom.models.layers import Backbone
+from medbloom.models.pretrained import IMAGENET_URLS, load_imagenet_weights
 from medbloom.models.resnet import ResNet
+from medbloom.models.vgg import VGG16
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A model by name.
+
+    ``build`` makes the model for a data set, randomly initialised; ``imagenet``, for
+    models with ImageNet weights, makes it in the layout those weights fit (ImageNet
+    stem, ImageNet input scaling), still randomly initialised.
+    """
+
     name: str
     description: str
     build: Callable[[DatasetSpec], nn.Module]
+    imagenet: Callable[[DatasetSpec], nn.Module] | None = None
 
 
 def num_outputs(spec: DatasetSpec) -> int:
@@ -25,15 +36,29 @@ def num_outputs(spec: DatasetSpec) -> int:
     return spec.num_classes
 
 
-def _resnet(depth: int) -> Callable[[DatasetSpec], nn.Module]:
+def _resnet(depth: int, imagenet: bool = False) -> Callable[[DatasetSpec], nn.Module]:
     def build(spec: DatasetSpec) -> nn.Module:
         return ResNet(
             depth,
             spec.in_channels,
             num_outputs(spec),
             dims=spec.spatial_dims,
-            small_input=spec.image_size <= 64,
+            # ImageNet weights were learnt behind the 7x7/2 stem and max-pool: keep it.
+            small_input=spec.image_size <= 64 and not imagenet,
+            imagenet_input=imagenet,
         )
+
+    return build
+
+
+def _vgg16(imagenet: bool = False) -> Callable[[DatasetSpec], nn.Module]:
+    def build(spec: DatasetSpec) -> nn.Module:
+        if spec.spatial_dims != 2:
+            raise ConfigError(
+                f"--model vgg16 is 2D only and {spec.name} is {spec.spatial_dims}D: "
+                "use cnn, resnet18 or resnet50"
+            )
+        return VGG16(spec.in_channels, num_outputs(spec), imagenet_input=imagenet)
 
     return build
 
@@ -48,32 +73,77 @@ MODELS: dict[str, ModelEntry] = {
         ),
         ModelEntry(
             "resnet18",
-            "ResNet-18 as in the MedMNIST v2 benchmark (3x3 stem at 28/64 px); 3D for 3D sets",
+            "ResNet-18 as in the MedMNIST v2 benchmark (3x3 stem at 28/64 px); 3D for 3D sets; "
+            "ImageNet weights",
             _resnet(18),
+            _resnet(18, imagenet=True),
         ),
         ModelEntry(
             "resnet50",
-            "ResNet-50, as resnet18 with bottleneck blocks",
+            "ResNet-50, as resnet18 with bottleneck blocks; ImageNet weights",
             _resnet(50),
+            _resnet(50, imagenet=True),
+        ),
+        ModelEntry(
+            "vgg16",
+            "VGG-16 (torchvision's layout, no BatchNorm, 138M parameters), 2D only; "
+            "ImageNet weights",
+            _vgg16(),
+            _vgg16(imagenet=True),
         ),
     )
 }
 
 
 def build_model(
-    name: str, spec: DatasetSpec, *, pretrained: str = "none", freeze: str = "none"
+    name: str,
+    spec: DatasetSpec,
+    *,
+    pretrained: str = "none",
+    freeze: str = "none",
+    load_weights: bool = True,
 ) -> nn.Module:
-    """Build a model for a data set; unknown names raise ConfigError.
+    """Build a model for a data set; unknown names and impossible settings raise ConfigError.
 
-    ``pretrained="imagenet"`` loads ImageNet weights into the backbone;
-    ``freeze="features"`` leaves only the classifier head trainable.
+    ``pretrained="imagenet"`` builds the model in the layout of torchvision's ImageNet
+    checkpoint (for a ResNet: the 7x7/2 stem and max-pool whatever the image size; for
+    every model: inputs rescaled from [-1, 1] to ImageNet's normalisation) and, with
+    ``load_weights``, loads the checkpoint into all but the classifier head, which is
+    made for the data set's classes (downloaded once, hash-checked; see
+    :mod:`medbloom.models.pretrained`). ``load_weights=False`` gives the same layout
+    randomly initialised: what a client builds before the server sends it the weights.
+
+    ``freeze="features"`` leaves only the classifier head trainable (``fc`` of the CNN
+    and ResNets, ``classifier.6`` of VGG-16); frozen BatchNorm layers also stop
+    updating their running statistics.
     """
     if name not in MODELS:
         raise ConfigError(f"--model {name!r} is unknown: expected one of {', '.join(MODELS)}")
-    if pretrained != "none":
-        raise ConfigError(f"--pretrained {pretrained}: not available for --model {name}")
-    model = MODELS[name].build(spec)
+    if pretrained not in ("none", "imagenet"):
+        raise ConfigError(f"--pretrained {pretrained!r} is unknown: expected none or imagenet")
+    if freeze not in ("none", "features"):
+        raise ConfigError(f"--freeze {freeze!r} is unknown: expected none or features")
+    entry = MODELS[name]
+    if pretrained == "none":
+        model = entry.build(spec)
+    else:
+        with_weights = [n for n, e in MODELS.items() if e.imagenet is not None]
+        if entry.imagenet is None:
+            raise ConfigError(
+                f"--pretrained {pretrained}: no ImageNet weights for --model {name}; "
+                f"use one of {', '.join(with_weights)}"
+            )
+        if spec.spatial_dims != 2 or spec.in_channels not in (1, 3):
+            raise ConfigError(
+                f"--pretrained {pretrained}: ImageNet weights fit 2D images with 1 or 3 "
+                f"channels, and {spec.name} has {spec.spatial_dims}D images with "
+                f"{spec.in_channels} channel(s); use --pretrained none"
+            )
+        model = entry.imagenet(spec)
+        if load_weights:
+            load_imagenet_weights(model, IMAGENET_URLS[name])
     if freeze == "features":
-        for pname, param in model.named_parameters():
-            param.requires_grad = pname.startswith("fc.")
+        if not isinstance(model, Backbone):
+            raise ConfigError(f"--freeze {freeze}: --model {name} has no separate head")
+        model.freeze_features()
     return model

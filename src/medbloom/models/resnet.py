@@ -1,8 +1,10 @@
 """ResNet-18/50 in plain PyTorch, 2D or 3D, with torchvision's parameter names.
 
-For 28-pixel inputs the stem is a 3x3 convolution with stride 1 and no max-pool,
-as in the MedMNIST v2 benchmark; larger inputs get ImageNet's 7x7/2 stem and
-max-pool. Parameter names follow torchvision, so its ImageNet checkpoints load.
+With ``small_input`` (the registry's choice for inputs up to 64 px) the stem is a 3x3
+convolution with stride 1 and no max-pool, as in the MedMNIST v2 benchmark; otherwise
+it is ImageNet's 7x7/2 convolution and max-pool. Parameter names follow torchvision, so
+its ImageNet checkpoints load into the 2D model built with ``small_input=False`` and
+``imagenet_input=True`` (see :mod:`medbloom.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medbloom.models.layers import conv, global_pool, norm
+from medbloom.models.layers import Backbone, ImageNetInput, conv, global_pool, norm
 
 
 class BasicBlock(nn.Module):
@@ -63,7 +65,10 @@ class Bottleneck(nn.Module):
         return self.relu(y + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
+    head = ("fc.",)
+    first_conv = "conv1.weight"
+
     def __init__(
         self,
         depth: int,
@@ -72,8 +77,11 @@ class ResNet(nn.Module):
         dims: int = 2,
         small_input: bool = True,
         norm_kind: str = "batch",
+        imagenet_input: bool = False,
     ) -> None:
         super().__init__()
+        # ImageNet weights expect ImageNet-normalised pixels (see ImageNetInput).
+        self.input_norm: nn.Module = ImageNetInput(in_channels) if imagenet_input else nn.Identity()
         block: type[BasicBlock] | type[Bottleneck]
         if depth == 18:
             block, layers = BasicBlock, (2, 2, 2, 2)
@@ -107,7 +115,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.input_norm(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 

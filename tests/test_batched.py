@@ -1,0 +1,158 @@
+"""Batched training of a round's clients equals training them one after another."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medbloom.batched import train_clients_batched
+from medbloom.data.medmnist import spec_for
+from medbloom.metrics import MULTI_LABEL
+from medbloom.models import build_model
+from medbloom.training import class_weights, labels_tensor, to_tensor, train_local
+
+SIZES = (37, 64, 5, 100)  # ragged last batches, a client shorter than one batch
+SEEDS = (11, 12, 13, 14)
+BATCH = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_clients(
+    dtype: torch.dtype, task: str = "binary-class", weighted: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Clients of different sizes and label mixes; class 1 images are brighter."""
+    rng = np.random.default_rng(0)
+    clients = []
+    for c, n in enumerate(SIZES):
+        if task == MULTI_LABEL:
+            labels = (rng.random((n, 3)) < 0.2 + 0.2 * c / len(SIZES)).astype(np.int64)
+            bright = labels[:, 0]
+        else:
+            labels = (rng.random(n) < 0.15 + 0.2 * c).astype(np.int64)
+            labels[:2] = (0, 1)
+            bright = labels
+        images = rng.integers(0, 156, size=(n, 1, 28, 28)) + 100 * bright[:, None, None, None]
+        w = class_weights(labels, 2, "balanced") if weighted else None
+        clients.append(
+            (
+                to_tensor(images.astype(np.uint8)).to(dtype),
+                labels_tensor(labels, task),
+                None if w is None else w.to(dtype),
+            )
+        )
+    return clients
+
+
+def cnn(dtype: torch.dtype, outputs: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    spec = spec_for("pneumoniamnist", 28)
+    model = build_model("cnn", spec)
+    if outputs != 2:
+        model.fc = nn.Linear(model.fc.in_features, outputs)
+    return model.to(dtype)
+
+
+def sequential(model: nn.Module, clients, **kw):  # type: ignore[no-untyped-def]
+    out = []
+    for (x, y, w), seed in zip(clients, SEEDS, strict=True):
+        m = copy.deepcopy(model)
+        res = train_local(m, x, y, weights=w, seed=seed, batch_size=BATCH, **kw)
+        out.append((m.state_dict(), res))
+    return out
+
+
+def assert_same(batched, seq, atol: float, loss_tol: float) -> None:  # type: ignore[no-untyped-def]
+    assert len(batched) == len(seq)
+    for (sd_b, res_b), (sd_s, res_s) in zip(batched, seq, strict=True):
+        assert sd_b.keys() == sd_s.keys()
+        for k in sd_s:
+            torch.testing.assert_close(sd_b[k], sd_s[k], atol=atol, rtol=0, msg=k)
+        assert res_b.num_examples == res_s.num_examples
+        assert res_b.steps == res_s.steps
+        assert res_b.train_loss == pytest.approx(res_s.train_loss, abs=loss_tol)
+        assert res_b.train_accuracy == pytest.approx(res_s.train_accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_equals_sequential_in_float64(optimizer: str, proximal_mu: float, weighted: bool) -> None:
+    """In double precision the two agree to rounding: same batches, same loss
+    reduction over padded batches, same optimizer arithmetic, finished clients frozen."""
+    clients = make_clients(torch.float64, weighted=weighted)
+    model = cnn(torch.float64)
+    kw = {
+        "task": "binary-class",
+        "epochs": 2,
+        "optimizer": optimizer,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "proximal_mu": proximal_mu,
+    }
+    before = copy.deepcopy(model.state_dict())
+    batched = train_clients_batched(model, clients, batch_size=BATCH, seeds=SEEDS, **kw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} of the input model changed"
+    assert_same(batched, sequential(model, clients, **kw), atol=1e-9, loss_tol=1e-9)
+
+
+def test_multi_label_equals_sequential_in_float64() -> None:
+    clients = make_clients(torch.float64, task=MULTI_LABEL)
+    clients = [(x, y.double(), w) for x, y, w in clients]
+    model = cnn(torch.float64, outputs=3)
+    kw = {"task": MULTI_LABEL, "epochs": 1, "lr": 1e-3}
+    batched = train_clients_batched(model, clients, batch_size=BATCH, seeds=SEEDS, **kw)
+    assert_same(batched, sequential(model, clients, **kw), atol=1e-9, loss_tol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_equals_sequential_in_float32(optimizer: str) -> None:
+    """In single precision (how medbloom trains) the weights agree to float tolerance.
+
+    Adam normalises every gradient element, so a last-bit difference in an element
+    near zero becomes a visible one in the update; its tolerance is wider."""
+    clients = make_clients(torch.float32)
+    model = cnn(torch.float32)
+    kw = {"task": "binary-class", "epochs": 1, "optimizer": optimizer, "lr": 1e-3}
+    batched = train_clients_batched(model, clients, batch_size=BATCH, seeds=SEEDS, **kw)
+    atol = 1e-3 if optimizer == "adam" else 1e-5
+    assert_same(batched, sequential(model, clients, **kw), atol=atol, loss_tol=1e-4)
+
+
+def test_training_moves_every_client_and_order_is_kept() -> None:
+    clients = make_clients(torch.float32)
+    model = cnn(torch.float32)
+    out = train_clients_batched(
+        model, clients, task="binary-class", epochs=1, batch_size=BATCH, seeds=SEEDS
+    )
+    start = model.state_dict()["fc.weight"]
+    assert [r.num_examples for _, r in out] == list(SIZES)
+    assert [r.steps for _, r in out] == [-(-n // BATCH) for n in SIZES]
+    for sd, _ in out:
+        assert not torch.equal(sd["fc.weight"], start)
+
+
+def test_unsupported_options_raise() -> None:
+    clients = make_clients(torch.float32)
+    kw = {"task": "binary-class", "epochs": 1, "batch_size": BATCH, "seeds": SEEDS}
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(NotImplementedError, match="BatchNorm2d"):
+        train_clients_batched(bn, clients, **kw)
+    drop = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(28 * 28, 2))
+    with pytest.raises(NotImplementedError, match="Dropout"):
+        train_clients_batched(drop, clients, **kw)
+    with pytest.raises(NotImplementedError, match="augmentation"):
+        train_clients_batched(cnn(torch.float32), clients, augment=lambda x: x, **kw)
+    with pytest.raises(ValueError, match="seeds"):
+        train_clients_batched(cnn(torch.float32), clients, **{**kw, "seeds": SEEDS[:2]})

@@ -1,0 +1,202 @@
+"""`medbloom launch`: a SuperLink and one process per hospital on 127.0.0.1, for real.
+
+Nothing is mocked: Flower's Deployment Engine, real gRPC/HTTP on the loopback, real
+OS processes, killed for real.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from synthetic import write_npz
+
+pytestmark = pytest.mark.slow
+
+FLOWER_PROCS = (
+    "flower-superlink",
+    "flower-superexec",
+    "flwr-serverapp",
+    "medbloom.federation.node",
+)
+
+
+def _data(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_npz(root, "pneumoniamnist", counts={"train": 150, "val": 30, "test": 30}, seed=5)
+    return root
+
+
+def _launch(tmp_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "medbloom",
+        "launch",
+        "--data-dir",
+        str(_data(tmp_path)),
+        "--out",
+        str(out),
+        "--local-epochs",
+        "1",
+        "--min-partition-size",
+        "5",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _processes_mentioning(text: str) -> list[tuple[int, str]]:
+    ps = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    out = []
+    for line in ps.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if text in args and any(p in args for p in FLOWER_PROCS):
+            out.append((int(pid), args))
+    return out
+
+
+def _assert_nothing_left(where: Path) -> None:
+    """No Flower or hospital process of this test is alive (their command lines name
+    the test's folder: the data root or the run directory)."""
+    deadline = time.monotonic() + 20
+    while (left := _processes_mentioning(str(where))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {left}"
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C first, so the launcher stops the processes it started; kill if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _rows(run_dir: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
+    with (run_dir / name).open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait_for_round(run_dir: Path, rnd: int, proc: subprocess.Popen[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.csv").exists() and any(
+            int(r["round"]) >= rnd for r in _rows(run_dir)
+        ):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+    pytest.fail(f"round {rnd} not reached in {timeout} s")
+
+
+def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, "--num-clients", "3", "--rounds", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert "round   2/2" in stdout
+    rows = _rows(out)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    assert all(r["clients_ok"] == "3" for r in rows[1:])
+    for name in ("superlink", "client_0", "client_1", "client_2", "server", "flwr-run"):
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0, name
+    # each hospital process ran its ClientApp in-process, once per round
+    for i in range(3):
+        assert "waiting for ClientApp tasks" in (out / "logs" / f"client_{i}.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    _assert_nothing_left(tmp_path)
+
+
+def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _launch(
+        tmp_path,
+        out,
+        "--num-clients",
+        "3",
+        "--rounds",
+        "3",
+        "--min-clients",
+        "2",
+        "--round-timeout",
+        "20",
+    )
+    try:
+        _wait_for_round(out, 1, proc, 240)
+        victims = [
+            p for p, args in _processes_mentioning(str(tmp_path)) if "partition-id=1" in args
+        ]
+        assert victims, "hospital 1's process not found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, stdout + stderr
+    rows = _rows(out)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    assert sum(int(r["clients_failed"]) for r in rows[1:]) >= 1
+    assert rows[-1]["clients_ok"] == "2"
+    failed = [r for r in _rows(out, "clients.csv") if r["status"] != "ok"]
+    assert failed and {r["client_id"] for r in failed} == {"1"}
+    assert (
+        "failed" in (out / "logs" / "server.log").read_text()
+        or "timeout" in (out / "logs" / "server.log").read_text()
+    )
+    _assert_nothing_left(tmp_path)
+
+
+def test_a_server_killed_mid_run_resumes_from_its_last_round(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, "--num-clients", "2", "--rounds", "3", "--strategy", "fedadam")
+    try:
+        _wait_for_round(out, 1, proc, 240)
+        servers = [p for p, args in _processes_mentioning(str(out)) if "flower-superlink" in args]
+        assert servers
+        for pid in servers:
+            os.kill(pid, signal.SIGKILL)  # the server machine dies
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1, stdout + stderr
+    done = [int(r["round"]) for r in _rows(out)]
+    assert done[-1] < 3
+    _assert_nothing_left(tmp_path)
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "medbloom", "launch", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = _rows(out)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    clients = [(r["round"], r["client_id"]) for r in _rows(out, "clients.csv")]
+    assert len(clients) == len(set(clients)) == 6
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    _assert_nothing_left(tmp_path)
+
+
+def test_secure_launch_with_tls_and_node_authentication(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, "--num-clients", "2", "--rounds", "1", "--secure")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert "TLS" in stdout
+    assert (out / "certs" / "ca.crt").exists() and (out / "certs" / "node_1").exists()
+    superlink_log = (out / "logs" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in superlink_log
+    assert [int(r["round"]) for r in _rows(out)] == [0, 1]
+    _assert_nothing_left(tmp_path)
