@@ -7,9 +7,10 @@ its data, partition and model loaded for the whole run.
 
 The SuperNode polls the SuperLink for new messages every 3 s when idle and for its
 ClientApp's reply every 0.5 s; both waits are fixed in Flower 1.41. Here they are
-capped at ``--poll-interval`` (default 0.1 s), which removes about 2 s of latency
-from every round at the cost of a few more requests per second on the loopback or
-LAN (measured in benchmarks/bench_deployment.py).
+capped at ``--poll-interval`` (default 0.25 s), which removes about 2 s of latency
+from every round. Polling costs CPU (an HTTP request each time, in every hospital
+process): with ten hospitals on a 2-core machine, a 0.05 s interval spent more of the
+machine on polling than it saved (measured in benchmarks/bench_deployment.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         epilog="Other flags are flower-supernode's: --superlink, --insecure, "
         "--root-certificates, --auth-supernode-private-key, --node-config, --port.",
     )
-    parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.25,
+        help="seconds between polls of the SuperLink and of the local Runtime API",
+    )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
     args, rest = parser.parse_known_args(argv)
     if "--isolation" in rest:
@@ -55,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.
     runtime = f"127.0.0.1:{args.port}"
-    threading.Thread(target=serve, args=(runtime,), daemon=True, name="clientapp").start()
+    threading.Thread(
+        target=serve, args=(runtime, None, args.poll_interval), daemon=True, name="clientapp"
+    ).start()
     _fast_polling(args.poll_interval)
 
     from flwr.supernode.cli.flower_supernode import flower_supernode
