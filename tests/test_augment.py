@@ -232,6 +232,7 @@ def test_federated_run_with_light_augmentation_on_a_class_folder_set(
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # decoded-image cache
     data = write_class_folders(tmp_path / "patterns")
+    (data / "disk" / "broken.png").write_bytes(b"not an image")  # skipped, and counted
     cfg = ExperimentConfig(
         dataset=f"folder:{data}",
         size=32,
@@ -263,3 +264,4 @@ def test_federated_run_with_light_augmentation_on_a_class_folder_set(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert summary["rounds_completed"] == 2
+    assert summary["skipped_files"] == ["disk/broken.png"]

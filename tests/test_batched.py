@@ -116,18 +116,35 @@ def test_multi_label_equals_sequential_in_float64() -> None:
     assert_same(batched, sequential(model, clients, **kw), atol=1e-9, loss_tol=1e-9)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_equals_sequential_in_float32(optimizer: str) -> None:
-    """In single precision (how medbloom trains) the weights agree to float tolerance.
-
-    Adam normalises every gradient element, so a last-bit difference in an element
-    near zero becomes a visible one in the update; its tolerance is wider."""
+def test_sgd_equals_sequential_in_float32() -> None:
+    """In single precision (how medbloom trains) SGD's weights agree to float tolerance."""
     clients = make_clients(torch.float32)
     model = cnn(torch.float32)
-    kw = {"task": "binary-class", "epochs": 1, "optimizer": optimizer, "lr": 1e-3}
+    kw = {"task": "binary-class", "epochs": 2, "optimizer": "sgd", "lr": 1e-3}
     batched = train_clients_batched(model, clients, batch_size=BATCH, seeds=SEEDS, **kw)
-    atol = 1e-3 if optimizer == "adam" else 1e-5
-    assert_same(batched, sequential(model, clients, **kw), atol=atol, loss_tol=1e-4)
+    assert_same(batched, sequential(model, clients, **kw), atol=1e-5, loss_tol=1e-5)
+
+
+def test_adam_equals_sequential_in_float32() -> None:
+    """Adam in single precision: the updates agree to well under 1%.
+
+    Adam divides each gradient element by its own magnitude, so a last-bit difference
+    in an element near zero (the batched convolution sums in another order) becomes
+    a difference of up to ``lr`` in that weight: elementwise, float32 sequential
+    training is as far from the float64 result as batched training is (the float64
+    test above shows the two computations are the same)."""
+    clients = make_clients(torch.float32)
+    model = cnn(torch.float32)
+    start = model.state_dict()
+    kw = {"task": "binary-class", "epochs": 2, "optimizer": "adam", "lr": 1e-3}
+    batched = train_clients_batched(model, clients, batch_size=BATCH, seeds=SEEDS, **kw)
+    seq = sequential(model, clients, **kw)
+    for (sd_b, res_b), (sd_s, res_s) in zip(batched, seq, strict=True):
+        diff = torch.cat([(sd_b[k] - sd_s[k]).flatten() for k in sd_s]).norm()
+        update = torch.cat([(sd_s[k] - start[k]).flatten() for k in sd_s]).norm()
+        assert float(diff / update) < 0.02
+        assert res_b.train_loss == pytest.approx(res_s.train_loss, abs=1e-3)
+        assert res_b.steps == res_s.steps
 
 
 def test_training_moves_every_client_and_order_is_kept() -> None:

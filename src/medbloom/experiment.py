@@ -158,6 +158,9 @@ def spec_summary(spec: DatasetSpec) -> dict[str, Any]:
         "benchmark_source": "MedMNIST v2 (Yang et al., Scientific Data 2023), centralized training"
         if spec.benchmark
         else None,
+        # class-folder sets: unreadable files that were skipped, so the count travels
+        # with the results
+        "skipped_files": list(spec.extra.get("skipped_files", [])),
     }
 
 
