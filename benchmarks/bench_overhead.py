@@ -159,6 +159,7 @@ def main() -> None:
             }
         )
         finals["medbloom"] = (m.metrics[-1]["accuracy"], m.metrics[-1]["auc"])
+        print(f"medbloom run: {runs['medbloom'][-1]}", file=sys.stderr)
         for threads in (1, 2):
             r = run_plain(rounds, threads)
             rows = r["rows"]
@@ -180,6 +181,9 @@ def main() -> None:
                 }
             )
             finals[f"plain{threads}"] = (rows[-1]["accuracy"], rows[-1]["auc"])
+            print(
+                f"plain loop, {threads} thread(s): {runs[f'plain{threads}'][-1]}", file=sys.stderr
+            )
 
     def med(kind: str, key: str) -> float:
         return median([r[key] for r in runs[kind]])
