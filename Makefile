@@ -11,6 +11,8 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Flower's CLIs start each other by name (flower-superlink runs flower-superexec).
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install run test lint bench dashboard clean help
 
@@ -28,8 +30,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-deps medmnist==3.0.2
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps medmnist==3.0.2
 	touch $(STAMP)
 
 install: $(STAMP)
