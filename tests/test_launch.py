@@ -67,10 +67,22 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
 def _assert_nothing_left(where: Path) -> None:
     """No Flower or hospital process of this test is alive (their command lines name
     the test's folder: the data root or the run directory)."""
+    # Flower's own app processes name only the SuperLink's address: find those too.
+    addresses = [
+        line.split('"')[1]
+        for toml in where.rglob("flwr/config.toml")
+        for line in toml.read_text().splitlines()
+        if line.startswith("address")
+    ]
     deadline = time.monotonic() + 20
-    while (left := _processes_mentioning(str(where))) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        left = _processes_mentioning(str(where)) + [
+            p for a in addresses for p in _processes_mentioning(a)
+        ]
+        if not left:
+            return
         time.sleep(0.5)
-    assert not left, f"processes left behind: {left}"
+    raise AssertionError(f"processes left behind: {left}")
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

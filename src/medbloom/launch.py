@@ -13,6 +13,7 @@ Per-process logs go to ``RUN_DIR/logs``: ``superlink.log``, ``client_<i>.log``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -222,6 +223,26 @@ class Deployment:
         order = ["flwr-run"] + [n for n in self.procs if n.startswith("client_")] + ["superlink"]
         for name in order + list(self.procs):
             self.stop(name)
+        self._stop_orphaned_apps()
+
+    def _stop_orphaned_apps(self) -> None:
+        """Stop app processes our SuperLink started (flwr-serverapp, flower-superexec).
+
+        They normally end with their SuperLink; one whose SuperLink was killed (a
+        crashed server) can be left waiting on a port nobody serves. They name our
+        SuperLink's port in their command line, so they are found by it.
+        """
+        if not self.port:
+            return
+        marker = f"127.0.0.1:{self.port}"
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                args = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in args and ("flwr-serverapp" in args or "flower-superexec" in args):
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc_dir.name), signal.SIGTERM)
 
 
 def node_config(cfg: ExperimentConfig, node: int) -> str:
@@ -261,6 +282,7 @@ def launch(
             )
     (run_dir / "STOP").unlink(missing_ok=True)
     seen = len(read_metrics(run_dir)) if resume else 0
+    started = time.time()
     with Deployment(run_dir, bundle) as dep:
         dep.start_superlink()
         for i in range(cfg.num_clients):
@@ -280,12 +302,12 @@ def launch(
                     )
                     on_round({**row, "best": best})
             seen = len(rows)
-            status = _status(run_dir)
+            status = _status(run_dir, started)
             flwr_run = dep.procs.get("flwr-run")
             if status in ("finished", "failed", "interrupted"):
                 break
             if flwr_run is not None and flwr_run.poll() is not None:
-                status = _status(run_dir)
+                status = _status(run_dir, started)
                 if status == "running":
                     status = "failed"
                 break
@@ -304,16 +326,21 @@ def launch(
     return status
 
 
-def _status(run_dir: Path) -> str:
+def _status(run_dir: Path, since: float = 0.0) -> str:
+    """The run's status, as its ServerApp last wrote it after ``since`` (a resumed
+    run's summary.json still holds the old run's ending until the new one starts)."""
+    path = run_dir / "summary.json"
     try:
-        return str(json.loads((run_dir / "summary.json").read_text())["status"])
+        if path.stat().st_mtime < since:
+            return "running"
+        return str(json.loads(path.read_text())["status"])
     except (OSError, ValueError, KeyError):
         return "running"
 
 
 def _wait_for_status(run_dir: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _status(run_dir) == "running":
+    while time.monotonic() < deadline and _status(run_dir, 0.0) == "running":
         time.sleep(0.2)
 
 
