@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,10 @@ class ClientData:
     weights: torch.Tensor | None
 
 
-@lru_cache(maxsize=2)
+# Unbounded: a simulation actor serves many clients in turn (10 clients on 2 actors:
+# 5 each), and with room for 2 it rebuilt every client's tensors every round. The
+# partitions are disjoint, so all entries together are at most the training set once.
+@cache
 def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
     """One client's local train and validation tensors and its loss weights.
 
