@@ -35,6 +35,7 @@ REQUIRED_COLUMNS = [
     "val_accuracy",
     "val_auc",
     "round_seconds",
+    "eval_seconds",
     "elapsed_seconds",
 ]
 

@@ -24,7 +24,7 @@ from synthetic import write_npz
 pytestmark = pytest.mark.slow
 
 COUNTS = {"train": 90, "val": 24, "test": 24}
-TIMING = {"round_seconds", "elapsed_seconds"}
+TIMING = {"round_seconds", "eval_seconds", "elapsed_seconds"}
 
 
 def _run(tmp_path: Path, name: str, **knobs: object) -> Path:

@@ -26,7 +26,7 @@ from synthetic import write_npz
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"round_seconds", "elapsed_seconds"}
+TIMING = {"round_seconds", "eval_seconds", "elapsed_seconds"}
 
 
 def _config(tmp_path: Path, name: str, **knobs: Any) -> ExperimentConfig:

@@ -45,6 +45,7 @@ METRICS_COLUMNS = (
     "clients_ok",
     "clients_failed",
     "round_seconds",
+    "eval_seconds",
     "elapsed_seconds",
 )
 CLIENT_COLUMNS = (

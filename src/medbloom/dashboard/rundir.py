@@ -163,7 +163,7 @@ class RunData:
     def mean_round_seconds(self) -> float | None:
         """Mean duration of the federated rounds so far (round 0 is setup, not a round)."""
         secs = [
-            r["round_seconds"]
+            r["round_seconds"] + (r.get("eval_seconds") or 0.0)
             for r in self.metrics
             if r["round"] >= 1 and r.get("round_seconds") is not None
         ]
@@ -195,7 +195,13 @@ class RunData:
         idle = self.idle_seconds(now)
         if idle is None:
             return False
-        longest = max((r.get("round_seconds") or 0.0 for r in self.metrics), default=0.0)
+        longest = max(
+            (
+                (r.get("round_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
+                for r in self.metrics
+            ),
+            default=0.0,
+        )
         timeout = _float_or_none(self.config.get("round-timeout")) or 0.0
         return idle > max(STALE_AFTER_SECONDS, 3 * longest, timeout + 60.0)
 

@@ -43,6 +43,7 @@ from scipy import ndimage
 
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
 from medbloom.errors import ConfigError, DataError
+from medbloom.system import usable_cpus
 
 __all__ = [
     "FOLDER_LAYOUT_HELP",
@@ -517,13 +518,6 @@ def _write_cache(path: Path, key: str, decoded: _Decoded) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _pool_context() -> multiprocessing.context.BaseContext:
     """fork on Linux; the platform's default (spawn on macOS and Windows) elsewhere.
 
@@ -539,7 +533,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _worker_count(requested: int | None, n_files: int) -> int:
-    wanted = _cpu_count() if requested is None else requested
+    wanted = usable_cpus() if requested is None else requested
     # A daemon process (a multiprocessing.Pool worker, say) may not start children.
     if multiprocessing.current_process().daemon:
         return 1

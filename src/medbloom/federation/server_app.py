@@ -33,6 +33,7 @@ from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_
 from medbloom.federation.strategies import build_strategy
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
+from medbloom.system import usable_cpus
 from medbloom.training import load_arrays, predict, resolve_device, set_threads, state_arrays
 
 log = logging.getLogger("medbloom")
@@ -335,7 +336,9 @@ def run_federation(
     left out; the round aggregates the others. Rounds go on while at least
     ``min_clients`` nodes remain. Returns the last metrics row.
     """
-    set_threads(int(torch.get_num_threads()) if cfg.device == "cuda" else None)
+    # Rounds are synchronous: while the server evaluates, every client waits for the
+    # next round, so evaluation may use every core (clients train on one thread each).
+    set_threads(usable_cpus())
     evaluator = Evaluator(cfg)
     handler = attach_log_file(run_dir / "logs" / "server.log")
     ckpt = _load_resume_state(run_dir) if resume else None
@@ -366,7 +369,10 @@ def run_federation(
         started = time.monotonic() - offset
         row: dict[str, Any] = dict(ckpt["metrics"]) if ckpt else {}
         if not ckpt:
-            row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0, "elapsed_seconds": 0.0}
+            t_eval = time.monotonic()
+            row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0}
+            row["eval_seconds"] = time.monotonic() - t_eval
+            row["elapsed_seconds"] = 0.0
             _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
         for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
@@ -396,9 +402,11 @@ def run_federation(
                 raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
             arrays = new_arrays
             now = time.monotonic()
+            scores = evaluator(arrays)
+            done = time.monotonic()
             row = {
                 "round": server_round,
-                **evaluator(arrays),
+                **scores,
                 "train_loss": _num(train_metrics["train_loss"]) if train_metrics else float("nan"),
                 "train_accuracy": _num(train_metrics["train_accuracy"])
                 if train_metrics
@@ -406,7 +414,8 @@ def run_federation(
                 "clients_ok": outcome.ok,
                 "clients_failed": outcome.failed,
                 "round_seconds": now - t0,
-                "elapsed_seconds": now - started,
+                "eval_seconds": done - now,
+                "elapsed_seconds": done - started,
             }
             _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
         status = "finished"

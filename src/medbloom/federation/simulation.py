@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -14,11 +13,12 @@ from flwr.clientapp import ClientApp
 from medbloom.config import ExperimentConfig
 from medbloom.federation.client_app import make_client_app
 from medbloom.federation.server_app import RoundCallback, make_server_app
+from medbloom.system import usable_cpus
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """One CPU per simulated client, so clients train in parallel, one per core."""
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     gpus = 1 if cfg.device in ("cuda", "auto") and _cuda() else 0
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.25 if gpus else 0.0},
