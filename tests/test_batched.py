@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +12,14 @@ import torch
 from torch import nn
 
 from medbloom.batched import train_clients_batched
+from medbloom.config import ExperimentConfig
 from medbloom.data.medmnist import spec_for
+from medbloom.experiment import prepare_run
+from medbloom.federation.simulation import run_simulation
 from medbloom.metrics import MULTI_LABEL
 from medbloom.models import build_model
 from medbloom.training import class_weights, labels_tensor, to_tensor, train_local
+from synthetic import write_npz
 
 SIZES = (37, 64, 5, 100)  # ragged last batches, a client shorter than one batch
 SEEDS = (11, 12, 13, 14)
@@ -84,9 +90,11 @@ def assert_same(batched, seq, atol: float, loss_tol: float) -> None:  # type: ig
         assert res_b.train_accuracy == pytest.approx(res_s.train_accuracy, abs=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("proximal_mu", [0.0, 0.1])
-@pytest.mark.parametrize("weighted", [True, False])
+# Every pair of options (optimizer, FedProx term, class weights) in four runs.
+@pytest.mark.parametrize(
+    ("optimizer", "proximal_mu", "weighted"),
+    [("adam", 0.0, True), ("sgd", 0.1, True), ("adam", 0.1, False), ("sgd", 0.0, False)],
+)
 def test_equals_sequential_in_float64(optimizer: str, proximal_mu: float, weighted: bool) -> None:
     """In double precision the two agree to rounding: same batches, same loss
     reduction over padded batches, same optimizer arithmetic, finished clients frozen."""
@@ -173,3 +181,43 @@ def test_unsupported_options_raise() -> None:
         train_clients_batched(cnn(torch.float32), clients, augment=lambda x: x, **kw)
     with pytest.raises(ValueError, match="seeds"):
         train_clients_batched(cnn(torch.float32), clients, **{**kw, "seeds": SEEDS[:2]})
+
+
+@pytest.mark.slow
+def test_batched_run_equals_sequential_run(tmp_path: Path) -> None:
+    """``--batched on`` end to end on Flower's Simulation Engine: the same clients,
+    example counts and, up to float32 rounding, the same global model and metrics as
+    the same run with every client trained on its own."""
+    write_npz(tmp_path / "data", "pneumoniamnist", 28, counts={"train": 90, "val": 24, "test": 24})
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = ExperimentConfig(
+            data_dir=str(tmp_path / "data"),
+            num_clients=3,
+            rounds=2,
+            batch_size=16,
+            optimizer="sgd",
+            lr=0.05,
+            min_partition_size=5,
+            batched=mode,
+            out=str(tmp_path / mode),
+        )
+        run_dir = prepare_run(cfg.validate())
+        run_simulation(cfg, run_dir)
+        with (run_dir / "clients.csv").open() as fh:
+            clients = list(csv.DictReader(fh))
+        with (run_dir / "metrics.csv").open() as fh:
+            metrics = list(csv.DictReader(fh))
+        model = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["model"]
+        runs[mode] = (clients, metrics, model)
+    (c_off, m_off, w_off), (c_on, m_on, w_on) = runs["off"], runs["on"]
+    assert [(r["round"], r["client_id"], r["num_examples"]) for r in c_on] == [
+        (r["round"], r["client_id"], r["num_examples"]) for r in c_off
+    ]
+    assert all(r["status"] == "ok" for r in c_on)
+    for k in w_off:
+        torch.testing.assert_close(w_on[k], w_off[k], atol=1e-4, rtol=1e-4, msg=k)
+    for a, b in zip(m_on, m_off, strict=True):
+        for col in ("loss", "train_loss", "val_loss"):
+            if a[col]:
+                assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-4, abs=1e-5), col

@@ -137,6 +137,16 @@ BAD_INPUTS: dict[str, tuple[list[str], DataMaker, list[str]]] = {
     "truncated-file": ([], _truncated, ["{file}", "truncated or corrupt"]),
     "misshaped-images": ([], _misshaped, ["{file}", "train_images", "(200, 28, 27)"]),
     "seed-negative": (["--seed", "-1"], _good, ["--seed", "-1"]),
+    "batched-with-batchnorm": (
+        ["--batched", "on", "--model", "resnet18"],
+        _good,
+        ["--batched on", "BatchNorm", "--batched off"],
+    ),
+    "batched-with-augment": (
+        ["--batched", "on", "--augment", "light"],
+        _good,
+        ["--batched on", "--augment"],
+    ),
 }
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -324,3 +334,14 @@ def test_data_partition_prints_one_row_per_client(cwd: Path, data_root: Path) ->
         assert train + val >= 10  # --min-partition-size default
         assert val == round(0.1 * (train + val))  # --local-val-fraction default
     assert list(cwd.iterdir()) == []
+
+
+def test_launch_refuses_batched(tmp_path: Path, cwd: Path, data_root: Path) -> None:
+    """Batched training needs every client's data in the server process, which a
+    deployment never has: refused before any process starts or anything is written."""
+    out = tmp_path / "run"
+    proc = medbloom(
+        "launch", "--data-dir", str(data_root), "--out", str(out), "--batched", "on", cwd=cwd
+    )
+    assert_one_line_error(proc, "--batched on", "medbloom run")
+    assert not out.exists()

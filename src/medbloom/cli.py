@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from medbloom import __version__
 from medbloom.config import ExperimentConfig, load_config_file
-from medbloom.errors import MedbloomError
+from medbloom.errors import ConfigError, MedbloomError
 
 EPILOG = "Errors you can fix exit with code 2 and a one-line message."
 
@@ -261,7 +261,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir, cfg = resumable_run(args)
     else:
-        run_dir = prepare_run(config_from_args(args), argv=["medbloom", *sys.argv[1:]])
+        cfg = config_from_args(args)
+        if cfg.batched == "on":
+            raise ConfigError(
+                "--batched on trains every client in the server process, but under "
+                "medbloom launch each hospital's data stays in its own process: "
+                "use medbloom run, or --batched off"
+            )
+        run_dir = prepare_run(cfg, argv=["medbloom", *sys.argv[1:]])
         cfg = load_run_config(run_dir)
     mode = "TLS + node authentication" if args.secure else "insecure, 127.0.0.1 only"
     print(

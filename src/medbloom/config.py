@@ -35,6 +35,7 @@ CLASS_WEIGHTINGS = ("balanced", "none")
 PRETRAINED = ("none", "imagenet")
 FREEZE = ("none", "features")
 AUGMENT = ("none", "light")
+BATCHED = ("off", "on")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -68,6 +69,12 @@ class ExperimentConfig:
     freeze: str = _knob("none", "train only the classifier head ('features' frozen)", FREEZE)
     augment: str = _knob(
         "none", "augmentation in local training (flips, small affine, intensity)", AUGMENT
+    )
+    batched: str = _knob(
+        "off",
+        "train each round's clients together in the server process (torch.func.vmap); "
+        "models without BatchNorm or dropout, no --augment",
+        BATCHED,
     )
     strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
     local_epochs: int = _knob(1, "local epochs per round on each client")
@@ -148,6 +155,8 @@ class ExperimentConfig:
             (self.size >= 0, "size", "0 (the data set's default) or a size in pixels"),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
         ]
+        if self.batched == "on" and self.augment != "none":
+            raise ConfigError("--batched on does not support --augment; use --augment none")
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(

@@ -23,7 +23,7 @@ from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
 from medbloom.data.registry import load_dataset, resolve_size, spec_of
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
-from medbloom.errors import MedbloomError
+from medbloom.errors import ConfigError, MedbloomError
 from medbloom.federation.strategies import build_strategy
 from medbloom.models import build_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
@@ -186,7 +186,14 @@ def prepare_run(
     """
     cfg.validate()
     spec_of(cfg.dataset, cfg.size)
-    initial_model(cfg, spec_of(cfg.dataset, cfg.size))
+    model = initial_model(cfg, spec_of(cfg.dataset, cfg.size))
+    if cfg.batched == "on":
+        from medbloom.batched import check_batchable
+
+        try:
+            check_batchable(model)
+        except NotImplementedError as exc:
+            raise ConfigError(f"--batched on: {exc}; use --batched off") from None
     build_strategy(cfg)
     resolve_device(cfg.device)
     cfg = cfg.replace(size=resolve_size(cfg.dataset, cfg.size))

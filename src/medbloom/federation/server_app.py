@@ -391,7 +391,13 @@ def run_federation(
             # depend on (seed, round, live clients) only, also across a resume.
             random.seed(cfg.seed * 1_000_003 + server_round)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), live)
-            replies, missing = exchange(grid, messages, cfg.round_timeout, stop)
+            if cfg.batched == "on":
+                from medbloom.federation.batched_round import train_round_batched
+
+                replies = train_round_batched(list(messages), cfg, live.client_of)
+                missing: list[int] = []
+            else:
+                replies, missing = exchange(grid, messages, cfg.round_timeout, stop)
             outcome = sort_replies(server_round, replies, missing, reference, live.client_of)
             live.suspects.update(outcome.failed_nodes)
             recorder.record_clients(outcome.rows)
