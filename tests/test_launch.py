@@ -35,14 +35,19 @@ def _data(tmp_path: Path) -> Path:
     return root
 
 
-def _launch(tmp_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+def _launch(
+    tmp_path: Path, out: Path, *extra: str, relative: bool = False
+) -> subprocess.Popen[str]:
+    """``medbloom launch``; with ``relative`` it runs in ``tmp_path`` and names the data
+    root relative to it, as a user typing ``--data-dir data`` does."""
+    data = _data(tmp_path)
     cmd = [
         sys.executable,
         "-m",
         "medbloom",
         "launch",
         "--data-dir",
-        str(_data(tmp_path)),
+        data.name if relative else str(data),
         "--out",
         str(out),
         "--local-epochs",
@@ -51,7 +56,13 @@ def _launch(tmp_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
         "5",
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path if relative else None,
+    )
 
 
 def _processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -114,7 +125,9 @@ def _wait_for_round(run_dir: Path, rnd: int, proc: subprocess.Popen[str], timeou
 
 def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _launch(tmp_path, out, "--num-clients", "3", "--rounds", "2")
+    # A relative data root: every process starts in the run directory, so the run's
+    # config must hold it as an absolute path.
+    proc = _launch(tmp_path, out, "--num-clients", "3", "--rounds", "2", relative=True)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout + stderr
     assert "round   2/2" in stdout
@@ -127,6 +140,9 @@ def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     for i in range(3):
         assert "waiting for ClientApp tasks" in (out / "logs" / f"client_{i}.log").read_text()
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert json.loads((out / "config.json").read_text())["config"]["data-dir"] == str(
+        tmp_path / "data"
+    )
     _assert_nothing_left(tmp_path)
 
 
@@ -212,3 +228,24 @@ def test_secure_launch_with_tls_and_node_authentication(tmp_path: Path) -> None:
     assert "https://127.0.0.1" in superlink_log
     assert [int(r["round"]) for r in _rows(out)] == [0, 1]
     _assert_nothing_left(tmp_path)
+
+
+def test_failure_reason_reads_the_server_error_when_nothing_was_recorded(tmp_path: Path) -> None:
+    """A ServerApp that fails before it opens the run's records leaves no summary.json:
+    the launcher names the exception from its output instead of crashing."""
+    from medbloom.launch import failure_reason
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert str(logs) in failure_reason(tmp_path)
+    (logs / "flwr-run.log").write_text(
+        "\x1b[92mINFO \x1b[0m: starting\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "medbloom.errors.DataError: pneumoniamnist.npz is not in data/medmnist\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n"
+    )
+    assert failure_reason(tmp_path) == (
+        "medbloom.errors.DataError: pneumoniamnist.npz is not in data/medmnist"
+    )
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed", "error": "E: x"}))
+    assert failure_reason(tmp_path) == "E: x"

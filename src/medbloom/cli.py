@@ -256,7 +256,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from medbloom.experiment import load_run_config, prepare_run
-    from medbloom.launch import launch
+    from medbloom.launch import failure_reason, launch
 
     if args.resume:
         run_dir, cfg = resumable_run(args)
@@ -289,11 +289,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if status == "interrupted":
         print(f"medbloom: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
         return 130
-    summary = json.loads((run_dir / "summary.json").read_text())
     if status != "finished":
-        print(f"medbloom: the run {status}: {summary.get('error', 'see logs')}", file=sys.stderr)
+        print(f"medbloom: the run {status}: {failure_reason(run_dir)}", file=sys.stderr)
         return 1
-    _print_summary(summary, run_dir)
+    _print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
     return 0
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
-from medbloom.data.registry import load_dataset, resolve_size, spec_of
+from medbloom.data.registry import FOLDER_PREFIX, load_dataset, resolve_size, spec_of
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
 from medbloom.errors import ConfigError, MedbloomError
 from medbloom.federation.strategies import build_strategy
@@ -176,6 +176,21 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return ExperimentConfig.from_mapping(config, str(info_file)).validate()
 
 
+def absolute_paths(cfg: ExperimentConfig) -> dict[str, str]:
+    """The data root (``--data-dir``, else ``$MEDBLOOM_DATA_DIR``) and a ``folder:PATH``
+    data set as absolute paths, so the run's config means the same from any working
+    directory (``medbloom launch`` starts its processes in the run directory, and
+    ``--resume`` may be run from elsewhere)."""
+    out: dict[str, str] = {}
+    data_dir = cfg.data_dir or os.environ.get("MEDBLOOM_DATA_DIR", "")
+    if data_dir:
+        out["data_dir"] = str(Path(data_dir).expanduser().absolute())
+    if cfg.dataset.startswith(FOLDER_PREFIX):
+        path = Path(cfg.dataset[len(FOLDER_PREFIX) :]).expanduser().absolute()
+        out["dataset"] = FOLDER_PREFIX + str(path)
+    return out
+
+
 def prepare_run(
     cfg: ExperimentConfig, argv: list[str] | None = None, runs_root: str | os.PathLike[str] = "runs"
 ) -> Path:
@@ -203,5 +218,5 @@ def prepare_run(
     splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
     parts = partitions_for(cfg)
     pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
-    resolved = cfg.replace(out=str(out))
+    resolved = cfg.replace(out=str(out), **absolute_paths(cfg))
     return create_run_dir(out, {"config.json": run_info(resolved, argv), "partitions.json": pmap})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -324,6 +325,31 @@ def launch(
                 break
             time.sleep(poll)
     return status
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
+
+
+def failure_reason(run_dir: Path) -> str:
+    """Why a launched run failed: the error summary.json records, else the last
+    exception line of the ServerApp's output (a failure before the run directory's
+    records were opened), else where to look."""
+    try:
+        error = json.loads((run_dir / "summary.json").read_text()).get("error")
+        if error:
+            return str(error)
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name in ("flwr-run.log", "server.log"):
+        try:
+            text = _ANSI.sub("", (run_dir / "logs" / name).read_text(errors="replace"))
+        except OSError:
+            continue
+        found = [ln.strip() for ln in text.splitlines() if _ERROR_LINE.match(ln.strip())]
+        if found:
+            return found[-1]
+    return f"see the logs in {run_dir / 'logs'}"
 
 
 def _status(run_dir: Path, since: float = 0.0) -> str:
