@@ -85,11 +85,22 @@ def _assert_nothing_left(where: Path) -> None:
         for line in toml.read_text().splitlines()
         if line.startswith("address")
     ]
+    # Every process the launcher started, by the PIDs it recorded.
+    started = [
+        pid for f in where.rglob("flwr/pids.json") for pid in json.loads(f.read_text()).values()
+    ]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         left = _processes_mentioning(str(where)) + [
             p for a in addresses for p in _processes_mentioning(a)
         ]
+        for pid in started:
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(p in args for p in (*FLOWER_PROCS, "flwr run")):
+                left.append((pid, args))
         if not left:
             return
         time.sleep(0.5)
@@ -190,10 +201,9 @@ def test_a_server_killed_mid_run_resumes_from_its_last_round(tmp_path: Path) -> 
     proc = _launch(tmp_path, out, "--num-clients", "2", "--rounds", "3", "--strategy", "fedadam")
     try:
         _wait_for_round(out, 1, proc, 240)
-        servers = [p for p, args in _processes_mentioning(str(out)) if "flower-superlink" in args]
-        assert servers
-        for pid in servers:
-            os.kill(pid, signal.SIGKILL)  # the server machine dies
+        pid = json.loads((out / "flwr" / "pids.json").read_text())["superlink"]
+        assert "flower-superlink" in Path(f"/proc/{pid}/cmdline").read_text()
+        os.kill(pid, signal.SIGKILL)  # the server machine dies
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         _stop(proc)

@@ -124,6 +124,9 @@ class Deployment:
             start_new_session=True,  # Ctrl-C goes to medbloom launch, which stops them in order
         )
         self.procs[name] = proc
+        # Which process is which, for the user (and tests) to stop or inspect one by PID.
+        pids = {n: p.pid for n, p in self.procs.items()}
+        atomic_write_text(self.flwr_home / "pids.json", json.dumps(pids, indent=1) + "\n")
         return proc
 
     def start_superlink(self) -> int:
@@ -138,8 +141,6 @@ class Deployment:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--database",
-                str(self.flwr_home / "state.db"),
                 "--disable-runtime-dependency-installation",
             ],
             "superlink.log",

@@ -5,12 +5,20 @@ isolation, plus, in a thread of the same process, the long-lived ClientApp worke
 of :mod:`medbloom.federation.worker`. So each hospital is one process that keeps
 its data, partition and model loaded for the whole run.
 
-The SuperNode polls the SuperLink for new messages every 3 s when idle and for its
-ClientApp's reply every 0.5 s; both waits are fixed in Flower 1.41. Here they are
-capped at ``--poll-interval`` (default 0.25 s), which removes about 2 s of latency
-from every round. Polling costs CPU (an HTTP request each time, in every hospital
-process): with ten hospitals on a 2-core machine, a 0.05 s interval spent more of the
-machine on polling than it saved (measured in benchmarks/bench_deployment.py).
+Flower 1.41's SuperNode loop has fixed waits: 3 s between polls of the SuperLink when
+idle, 0.5 s between checks for its ClientApp's reply. Here
+
+* the SuperLink is polled 0.1 s after a message was handled, then less and less often
+  (x1.25 each time) down to once every ``--poll-interval`` seconds (default 1). The
+  node that trains longest, which decides when a round ends, is the one that replied
+  last, so it is still polling fast when the next round's message comes; nodes that
+  wait long poll seldom. An HTTP poll costs the SuperLink a request with a signature
+  check and database queries; with ten hospitals on two cores, fixed 0.25 s polls
+  took about a third of the machine from training.
+* the reply is checked every 0.05 s: that check reads the node's in-memory state,
+  no request is sent;
+* the ClientApp thread asks for its task when the SuperNode has received a message
+  (it is woken), not by polling the Runtime API over HTTP.
 """
 
 from __future__ import annotations
@@ -20,21 +28,62 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
 
+WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
+IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
+LOCAL_CHECK = 0.05  # seconds between checks of the node's own state
 
-def _fast_polling(interval: float) -> None:
-    """Cap the sleeps in Flower's SuperNode main loop at ``interval`` seconds."""
+
+class Pacer:
+    """The SuperNode loop's sleeps: short while a round is under way, longer when idle."""
+
+    def __init__(self, slowest: float, fastest: float = 0.1, growth: float = 1.25) -> None:
+        self.slowest = max(slowest, fastest)
+        self.fastest = fastest
+        self.growth = growth
+        self.idle = fastest
+
+    def message_handled(self) -> None:
+        self.idle = self.fastest
+
+    def wait(self, seconds: float) -> float:
+        """How long to sleep where Flower would sleep ``seconds``."""
+        if seconds < IDLE_POLL:  # a local check (reply ready, object stored): cheap
+            return min(seconds, LOCAL_CHECK)
+        wait, self.idle = self.idle, min(self.slowest, self.idle * self.growth)
+        return wait
+
+    def install(self) -> None:
+        """Make Flower's SuperNode loop sleep as this pacer says."""
+        from flwr.supernode import start_client_internal as loop
+
+        def sleep(seconds: float) -> None:
+            time.sleep(self.wait(seconds))
+
+        names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+        names["sleep"] = sleep
+        loop.time = types.SimpleNamespace(**names)  # type: ignore[attr-defined,assignment]
+
+
+def _on_messages(*callbacks: Callable[[], None]) -> None:
+    """Call ``callbacks`` whenever the SuperNode has stored an incoming message and its
+    parts (``pull_objects`` is the loop's last step of receiving one)."""
     from flwr.supernode import start_client_internal as loop
 
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, interval))
+    pull_objects = loop.pull_objects  # type: ignore[attr-defined]
 
-    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    names["sleep"] = sleep
-    loop.time = types.SimpleNamespace(**names)  # type: ignore[attr-defined,assignment]
+    def pull_then_wake(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return pull_objects(*args, **kwargs)
+        finally:
+            for callback in callbacks:
+                callback()
+
+    loop.pull_objects = pull_then_wake  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -48,23 +97,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--poll-interval",
         type=float,
-        default=0.25,
-        help="seconds between polls of the SuperLink and of the local Runtime API",
+        default=1.0,
+        help="longest wait between polls of the SuperLink when idle, in seconds (polls "
+        "start 0.1 s after each message and slow down to this)",
     )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
+
     args, rest = parser.parse_known_args(argv)
     if "--isolation" in rest:
         parser.error("--isolation is set by medbloom node (process)")
+    from medbloom.federation.pulls import shorten_pull_backoff
     from medbloom.federation.worker import serve, setup_logging
 
     setup_logging()
+    shorten_pull_backoff()
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.
     runtime = f"127.0.0.1:{args.port}"
+    wake = threading.Event()
     threading.Thread(
-        target=serve, args=(runtime, None, args.poll_interval), daemon=True, name="clientapp"
+        target=serve,
+        args=(runtime, None, WAKE_FALLBACK, wake),
+        daemon=True,
+        name="clientapp",
     ).start()
-    _fast_polling(args.poll_interval)
+    pacer = Pacer(args.poll_interval)
+    pacer.install()
+    _on_messages(wake.set, pacer.message_handled)
 
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
+from medbloom.federation.pulls import shorten_pull_backoff
 from medbloom.federation.strategies import build_strategy
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
@@ -94,12 +95,16 @@ def exchange(
     timeout: float,
     stop: threading.Event | None = None,
     poll: float = 0.05,
+    slowest_poll: float = 0.2,
 ) -> tuple[list[Message], list[int]]:
     """Send messages and collect replies until all are in, ``timeout`` passes, or ``stop``.
 
     Returns the replies and the node IDs that did not answer in time. Flower's
     ``Grid.send_and_receive`` does the same but sleeps 3 s between polls against a
-    remote SuperLink, cannot be interrupted and does not say who is missing.
+    remote SuperLink, cannot be interrupted and does not say who is missing. Here the
+    first poll comes after ``poll`` seconds, and the wait grows (x1.25) to
+    ``slowest_poll`` while no reply comes: each poll of a SuperLink is a request it
+    must serve, while hospitals train on the same machine.
     """
     messages = list(messages)
     ids = list(grid.push_messages(messages))
@@ -107,9 +112,11 @@ def exchange(
     pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
+    wait = poll
     while pending:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
+        wait = poll if got else min(slowest_poll, wait * 1.25)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending:
             break
@@ -118,7 +125,7 @@ def exchange(
         if time.monotonic() > deadline:
             log.warning("%d replies still missing after %.0f s; going on", len(pending), timeout)
             break
-        time.sleep(poll)
+        time.sleep(wait)
     return replies, sorted(node_of[m] for m in pending)
 
 
@@ -520,6 +527,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        shorten_pull_backoff()
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
         path, resuming = run_dir, resume
         if path is None and run_cfg.out and (Path(run_cfg.out) / "config.json").exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -89,12 +90,24 @@ def run_task(address: str, token: str, root_certificates: str | None = None) -> 
     return status == SubStatus.COMPLETED
 
 
-def serve(address: str, root_certificates: str | None = None, poll: float = 0.05) -> None:
-    """Acquire and run ClientApp tasks from a SuperNode's Runtime API, forever."""
+def serve(
+    address: str,
+    root_certificates: str | None = None,
+    poll: float = 0.05,
+    wake: threading.Event | None = None,
+) -> None:
+    """Acquire and run ClientApp tasks from a SuperNode's Runtime API, forever.
+
+    Without ``wake`` it asks every ``poll`` seconds. With it (the SuperNode runs in this
+    process and sets it when a message has arrived) it asks when woken, and every
+    ``poll`` seconds in case a wake-up was missed.
+    """
     client = _client(address, root_certificates, None)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     log.info("waiting for ClientApp tasks from %s", address)
     while True:
+        if wake is not None:
+            wake.clear()  # before asking: a message stored after this wakes the wait below
         try:
             res = client.AcquireTask(request)
         except Exception as exc:  # the SuperNode may still be starting, or restarting
@@ -103,6 +116,8 @@ def serve(address: str, root_certificates: str | None = None, poll: float = 0.05
             continue
         if res.HasField("task") and res.token:
             run_task(address, res.token, root_certificates)
+        elif wake is not None:
+            wake.wait(poll)
         else:
             time.sleep(poll)
 
