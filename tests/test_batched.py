@@ -194,7 +194,7 @@ def test_batched_run_equals_sequential_run(tmp_path: Path) -> None:
         cfg = ExperimentConfig(
             data_dir=str(tmp_path / "data"),
             num_clients=3,
-            rounds=2,
+            rounds=1,
             batch_size=16,
             optimizer="sgd",
             lr=0.05,

@@ -57,6 +57,29 @@ def medbloom(*args: str, cwd: Path, timeout: float = TIMEOUT) -> subprocess.Comp
     )
 
 
+def medbloom_in_process(
+    *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> subprocess.CompletedProcess[str]:
+    """``medbloom.cli.main`` in this process with the same environment as
+    :func:`medbloom`: the same code path minus the 3 s interpreter start, for the many
+    bad-input cases (a few run as real processes too)."""
+    from medbloom.cli import main
+
+    monkeypatch.chdir(cwd)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("MEDBLOOM_DATA_DIR", str(cwd / "no-default-data-root"))
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -164,9 +187,18 @@ def _bad_input_cases() -> list[object]:
     ]
 
 
+# Cases that also run as a real `medbloom` process (the rest call its main() in-process).
+IN_A_PROCESS = {"dataset", "missing-file-offline", "truncated-file", "batched-with-batchnorm"}
+
+
 @pytest.mark.parametrize("case", _bad_input_cases())
 def test_bad_input_is_one_line_and_no_run_dir(
-    case: str, tmp_path: Path, cwd: Path, data_root: Path
+    case: str,
+    tmp_path: Path,
+    cwd: Path,
+    data_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     flags, make_data, names = BAD_INPUTS[case]
     data = make_data(tmp_path, data_root)
@@ -174,7 +206,11 @@ def test_bad_input_is_one_line_and_no_run_dir(
     runs = tmp_path / "runs"
     runs.mkdir()
     out = runs / "new-run"
-    proc = medbloom("run", "--data-dir", str(data), "--out", str(out), *flags, cwd=cwd)
+    argv = ("run", "--data-dir", str(data), "--out", str(out), *flags)
+    if case in IN_A_PROCESS:
+        proc = medbloom(*argv, cwd=cwd)
+    else:
+        proc = medbloom_in_process(*argv, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
     npz = data / "medmnist" / "pneumoniamnist.npz"
     assert_one_line_error(
         proc, *(n.replace("{data}", str(data)).replace("{file}", str(npz)) for n in names)

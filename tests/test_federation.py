@@ -73,7 +73,7 @@ def _check_run(run_dir: Path, rounds: int, clients: int) -> list[dict[str, str]]
 # Each data set kind runs with a different strategy, so that every strategy and every
 # task type goes through one real federation without a run for each pair.
 CASES = [
-    ("pneumoniamnist", "fedavg", {}),
+    # ("pneumoniamnist", "fedavg", {}) runs twice in test_same_seed_same_numbers
     ("chestmnist", "fedprox", {}),  # multi-label, 14 sigmoid outputs
     ("organmnist3d", "fedadam", {}),  # 3D convolutions
     ("bloodmnist", "fedmedian", {}),  # RGB, 8 classes
@@ -85,7 +85,7 @@ CASES = [
 
 
 def test_cases_cover_every_strategy() -> None:
-    assert {s for _, s, _ in CASES} == set(STRATEGIES)
+    assert {s for _, s, _ in CASES} | {"fedavg"} == set(STRATEGIES)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,8 @@ def test_federation_runs(
 
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
     """Two runs with the same config and seed record identical metrics."""
-    a = _metrics(_run(tmp_path, "a"))
+    a = _check_run(_run(tmp_path, "a"), rounds=2, clients=3)  # FedAvg, binary task
+    assert a[1]["loss"] != a[0]["loss"] or a[2]["loss"] != a[0]["loss"]
     b = _metrics(_run(tmp_path, "b"))
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in b]

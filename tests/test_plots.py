@@ -59,7 +59,7 @@ def test_report_replaces_old_figures(tmp_path: Path) -> None:
     first = (run / "learning_curves.png").read_bytes()
     write_run(tmp_path, "r2", "finished", rounds=5)  # unrelated: r is unchanged
     with (run / "metrics.csv").open("a", encoding="utf-8") as fh:
-        fh.write("2,0.5,0.8,0.85,0.8,0.8,0.8,0.8,0.4,0.8,0.45,0.82,0.87,3,0,1.0,4.0\n")
+        fh.write("2,0.5,0.8,0.85,0.8,0.8,0.8,0.8,0.4,0.8,0.45,0.82,0.87,3,0,1.0,0.5,4.0\n")
     write_report(run)
     assert (run / "learning_curves.png").read_bytes() != first
 

@@ -111,7 +111,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
 
 
 def test_too_few_live_clients_fails_the_run_clearly(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, "run", num_clients=3, min_clients=3, round_timeout=30)
+    cfg = _config(tmp_path, "run", num_clients=3, min_clients=3, round_timeout=10)
     run_dir = prepare_run(cfg)
     with pytest.raises(RuntimeError, match="--min-clients"):
         run_simulation(cfg, run_dir, client_app=_spoiling_client(cfg, {0: "raise"}))
@@ -120,7 +120,7 @@ def test_too_few_live_clients_fails_the_run_clearly(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == 1
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+@pytest.mark.parametrize("strategy", ["fedadam"])  # server optimizer moments to restore
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, strategy: str) -> None:
     """Server optimizer state, random state and round number survive a restart."""
     rounds = 4
@@ -141,7 +141,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, str
     # The process died in round 3 after writing its rows but before its checkpoint,
     # and in the middle of a line: the resumed run must not keep any of that.
     with (run_dir / "metrics.csv").open("a") as fh:
-        fh.write("3,0.5,0.5,0.5,0.5,0.5,0.5,0.5,,,,,,3,0,1.0,9.0\n3,0.4")
+        fh.write("3,0.5,0.5,0.5,0.5,0.5,0.5,0.5,,,,,,3,0,1.0,0.5,9.0\n3,0.4")
     with (run_dir / "clients.csv").open("a") as fh:
         fh.write("3,0,123,ok,10,0.5,0.5,0.5,1.0,\n")
 
