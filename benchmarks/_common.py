@@ -176,7 +176,13 @@ class WatchedRun:
     run_dir: Path = Path()
 
     def round_seconds(self, first: int = 1) -> list[float]:
-        return [m["round_seconds"] for m in self.metrics if m["round"] >= first]
+        """Seconds per round from ``first`` on: training exchange plus the server's
+        evaluation (``round_seconds + eval_seconds`` in metrics.csv)."""
+        return [
+            m["round_seconds"] + m.get("eval_seconds", 0.0)
+            for m in self.metrics
+            if m["round"] >= first
+        ]
 
     def gaps(self) -> list[float]:
         """Seconds per round by elapsed_seconds (round loop incl. recording)."""

@@ -97,7 +97,7 @@ def main() -> None:
             ],
         )
     )
-    rounds = [r["round_seconds"] for r in in_time if r["round"] >= 1]
+    rounds = [r["round_seconds"] + r.get("eval_seconds", 0.0) for r in in_time if r["round"] >= 1]
     print(
         f"\nround 0 (decoding, partitioning, first evaluation) ended {offset:.0f} s after the "
         f"command started; {len(rounds)} rounds in budget, median "

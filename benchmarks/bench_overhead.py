@@ -151,7 +151,7 @@ def main() -> None:
                 "wall": m.wall,
                 "to_round0": m.row_times[0],
                 "to_round1": m.row_times[1],
-                "round1": m.metrics[1]["round_seconds"],
+                "round1": m.round_seconds()[0],
                 "round_med": median(rs) if rs else float("nan"),
                 "gap_med": median(m.gaps()[1:]) if rounds > 1 else m.gaps()[0],
                 "teardown": m.wall - m.row_times[rounds],

@@ -165,6 +165,12 @@ BAD_INPUTS: dict[str, tuple[list[str], DataMaker, list[str]]] = {
         _good,
         ["--batched on", "BatchNorm", "--batched off"],
     ),
+    "batched-with-bf16": (
+        ["--batched", "on", "--precision", "bf16"],
+        _good,
+        ["--batched on", "--precision"],
+    ),
+    "precision": (["--precision", "fp8"], _good, ["--precision", "fp8", "bf16"]),
     "batched-with-augment": (
         ["--batched", "on", "--augment", "light"],
         _good,
@@ -381,3 +387,13 @@ def test_launch_refuses_batched(tmp_path: Path, cwd: Path, data_root: Path) -> N
     )
     assert_one_line_error(proc, "--batched on", "medbloom run")
     assert not out.exists()
+
+
+def test_image_size_is_another_name_for_size() -> None:
+    from medbloom.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    for command in ("run", "launch"):
+        by_alias = config_from_args(parser.parse_args([command, "--image-size", "64"]))
+        assert by_alias.size == 64
+        assert by_alias == config_from_args(parser.parse_args([command, "--size", "64"]))

@@ -22,6 +22,10 @@ from medbloom.errors import ConfigError, MedbloomError
 EPILOG = "Errors you can fix exit with code 2 and a one-line message."
 
 
+# Other names a flag answers to (the Brain Tumor MRI step calls the size --image-size).
+ALIASES = {"size": ("--image-size",)}
+
+
 def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)"
@@ -34,6 +38,7 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
         listed = f"; one of: {', '.join(choices)}" if choices else ""
         p.add_argument(
             f"--{ExperimentConfig.flag(f.name)}",
+            *ALIASES.get(f.name, ()),
             dest=f.name,
             type={"int": int, "float": float, "str": str}[kind],
             default=None,

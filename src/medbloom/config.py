@@ -36,6 +36,7 @@ PRETRAINED = ("none", "imagenet")
 FREEZE = ("none", "features")
 AUGMENT = ("none", "light")
 BATCHED = ("off", "on")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -98,6 +99,12 @@ class ExperimentConfig:
     min_clients: int = _knob(2, "fewest live clients a round may run with (at most num-clients)")
     seed: int = _knob(42, "seed for partitions, model initialisation and training")
     device: str = _knob("auto", "where training runs", DEVICES)
+    precision: str = _knob(
+        "auto",
+        "arithmetic of training and evaluation: bf16 autocast (mixed precision) or fp32; "
+        "auto: bf16 on a GPU that supports it, fp32 on the CPU",
+        PRECISIONS,
+    )
     out: str = _knob("", "run directory; empty: runs/<time>-<dataset>-<strategy>")
 
     # ------------------------------------------------------------------ names

@@ -21,6 +21,7 @@ from medbloom.training import (
     load_arrays,
     predict,
     resolve_device,
+    resolve_precision,
     set_threads,
     state_arrays,
     train_local,
@@ -80,6 +81,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
     config = msg.content.config_records["config"]
     server_round = int(cast(int, config.get("server-round", 0)))
     device = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, device)
     result = train_local(
         model,
         data.train.x,
@@ -94,6 +96,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         seed=client_seed(cfg.seed, server_round, pid),
         device=device,
+        amp_dtype=amp,
         augment=_augmenter(cfg.augment, data.spec),
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -103,7 +106,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         "partition-id": pid,
     }
     if len(data.val):
-        probs, _ = predict(model, data.val.x, None, data.spec.task, device=device)
+        probs, _ = predict(model, data.val.x, None, data.spec.task, device=device, amp_dtype=amp)
         metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
     metrics["seconds"] = time.perf_counter() - started
     content = RecordDict(

@@ -35,7 +35,14 @@ from medbloom.federation.strategies import build_strategy
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
 from medbloom.system import usable_cpus
-from medbloom.training import load_arrays, predict, resolve_device, set_threads, state_arrays
+from medbloom.training import (
+    load_arrays,
+    predict,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+    state_arrays,
+)
 
 log = logging.getLogger("medbloom")
 
@@ -49,6 +56,7 @@ class Evaluator:
         self.spec, self.val, self.test = server_data(cfg)
         self.model = initial_model(cfg, self.spec)
         self.device = resolve_device(cfg.device)
+        self.amp = resolve_precision(cfg.precision, self.device)
 
         self.last_report: dict[str, Any] = {}
 
@@ -64,7 +72,9 @@ class Evaluator:
         return out
 
     def _split(self, split: TensorSplit, prefix: str) -> tuple[dict[str, float], np.ndarray]:
-        probs, loss = predict(self.model, split.x, split.y, self.spec.task, device=self.device)
+        probs, loss = predict(
+            self.model, split.x, split.y, self.spec.task, device=self.device, amp_dtype=self.amp
+        )
         scores = evaluate_scores(split.labels, probs, self.spec.task)
         scores["loss"] = loss
         return {prefix + k: v for k, v in scores.items()}, probs
