@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
+from typing import Any
 
 from _common import DATA_DIR, ENV, REPO, check_data, median, table, watch_run
 
@@ -98,11 +99,19 @@ def plain_loop(rounds: int, threads: int, data_dir: str) -> dict[str, object]:
             train_s += time.monotonic() - t_c
         total = sum(n for _, n in updates)
         arrays = OrderedDict(
-            (k, sum(u[k] * (n / total) for u, n in updates)) for k in updates[0][0]
+            (k, _weighted_sum([(u[k], n / total) for u, n in updates])) for k in updates[0][0]
         )
         rows.append({"round": r, **evaluate(), "t": time.monotonic(), "train": train_s})
         rows[-1]["round_seconds"] = rows[-1]["t"] - t_round
     return {"t_import": t_import, "t_setup": t_setup, "t_data": t_data, "rows": rows}
+
+
+def _weighted_sum(terms: list[tuple[Any, float]]) -> Any:
+    """sum(t * w) added left to right, as Python's ``sum`` (and Flower's FedAvg) does."""
+    total = terms[0][0] * terms[0][1]
+    for t, w in terms[1:]:
+        total = total + t * w
+    return total
 
 
 def run_plain(rounds: int, threads: int) -> dict[str, object]:
@@ -132,7 +141,8 @@ def main() -> None:
     p.add_argument("--plain-worker", nargs=2, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.plain_worker:
-        print(json.dumps(plain_loop(*a.plain_worker, str(DATA_DIR)), default=float))
+        rounds, threads = a.plain_worker
+        print(json.dumps(plain_loop(rounds, threads, str(DATA_DIR)), default=float))
         return
     check_data()
     rounds = 3 if a.quick else a.rounds
@@ -202,7 +212,7 @@ def main() -> None:
         ("client_busy_med", "median client training per round, per core (s)"),
         ("teardown", "last row to exit (s)"),
     ]
-    rows_out = []
+    rows_out: list[list[Any]] = []
     for key, label in labels:
         mb, p1, p2 = med("medbloom", key), med("plain1", key), med("plain2", key)
         rows_out.append([label, mb, p1, p2, mb / p1, mb / p2])

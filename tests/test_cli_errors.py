@@ -80,6 +80,19 @@ def medbloom_in_process(
     return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 
+@pytest.fixture
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return medbloom_in_process(*args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
+
+    return run
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -263,17 +276,19 @@ def test_out_under_a_read_only_folder_is_refused(
         ro.chmod(0o700)
 
 
-def test_badly_typed_flag_is_one_line(tmp_path: Path, cwd: Path, data_root: Path) -> None:
+def test_badly_typed_flag_is_one_line(
+    tmp_path: Path, cwd: Path, data_root: Path, run_cli: Cli
+) -> None:
     out = tmp_path / "run"
-    proc = medbloom(
+    proc = run_cli(
         "run", "--data-dir", str(data_root), "--out", str(out), "--num-clients", "ten", cwd=cwd
     )
     assert not out.exists()
     assert_one_line_error(proc, "--num-clients", "ten")
 
 
-def test_unknown_data_set_message_offers_only_real_names(cwd: Path) -> None:
-    proc = medbloom("data", "fetch", "nosuch", "--data-dir", str(cwd / "d"), cwd=cwd)
+def test_unknown_data_set_message_offers_only_real_names(cwd: Path, run_cli: Cli) -> None:
+    proc = run_cli("data", "fetch", "nosuch", "--data-dir", str(cwd / "d"), cwd=cwd)
     line = assert_one_line_error(proc, "--dataset", "nosuch")
     offered = line.split("expected one of ", 1)[1]
     names = [n.strip().removeprefix("or ").strip() for n in offered.split(",")]
@@ -294,8 +309,8 @@ def test_top_level_help_lists_the_commands(cwd: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["run"], ["data", "partition"]])
-def test_help_lists_every_config_flag(command: list[str], cwd: Path) -> None:
-    proc = medbloom(*command, "--help", cwd=cwd)
+def test_help_lists_every_config_flag(command: list[str], cwd: Path, run_cli: Cli) -> None:
+    proc = run_cli(*command, "--help", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     flags = [f"--{ExperimentConfig.flag(f.name)}" for f in ExperimentConfig.knobs()]
@@ -306,15 +321,15 @@ def test_help_lists_every_config_flag(command: list[str], cwd: Path) -> None:
         assert f"{flag} " in proc.stdout or f"{flag}\n" in proc.stdout, flag
 
 
-def test_run_help_names_the_choices(cwd: Path) -> None:
-    proc = medbloom("run", "--help", cwd=cwd)
+def test_run_help_names_the_choices(cwd: Path, run_cli: Cli) -> None:
+    proc = run_cli("run", "--help", cwd=cwd)
     text = " ".join(proc.stdout.split())
     for value in ("fedtrimmedavg", "krum", "pathological", "sgd", "balanced", "cuda"):
         assert value in text, value
 
 
-def test_models_lists_every_model(cwd: Path) -> None:
-    proc = medbloom("models", cwd=cwd)
+def test_models_lists_every_model(cwd: Path, run_cli: Cli) -> None:
+    proc = run_cli("models", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert names == ["cnn", "resnet18", "resnet50", "vgg16"]
@@ -342,8 +357,8 @@ ALL_FLAGS = [
 ]
 
 
-def test_data_list_lists_every_data_set(cwd: Path, data_root: Path) -> None:
-    proc = medbloom("data", "list", "--data-dir", str(data_root), cwd=cwd)
+def test_data_list_lists_every_data_set(cwd: Path, data_root: Path, run_cli: Cli) -> None:
+    proc = run_cli("data", "list", "--data-dir", str(data_root), cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"data root: {data_root}"
@@ -356,10 +371,8 @@ def test_data_list_lists_every_data_set(cwd: Path, data_root: Path) -> None:
     assert rows["bloodmnist"][-1] == "-"
 
 
-def test_data_partition_prints_one_row_per_client(cwd: Path, data_root: Path) -> None:
-    proc = medbloom(
-        "data", "partition", "--data-dir", str(data_root), "--num-clients", "3", cwd=cwd
-    )
+def test_data_partition_prints_one_row_per_client(cwd: Path, data_root: Path, run_cli: Cli) -> None:
+    proc = run_cli("data", "partition", "--data-dir", str(data_root), "--num-clients", "3", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()

@@ -660,3 +660,49 @@ def test_brain_tumor_mri(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.test.images, splits.test.images)
     np.testing.assert_array_equal(again.val.labels, splits.val.labels)
     print(f"brain-tumor-mri at 32 px: decode {decode_seconds:.1f} s, cache hit {hit_seconds:.2f} s")
+
+
+@pytest.mark.slow
+def test_federated_run_on_a_subset_of_brain_tumor_mri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end on real MRI JPEGs: 20 training and 8 test images per class (the real
+    files, in the real layout) through `folder:PATH`, two hospitals, one round."""
+    if not (BRAIN_TUMOR / "Training").is_dir():
+        pytest.skip(f"Brain Tumor MRI data set not found at {BRAIN_TUMOR}")
+    import csv
+    import json
+    import shutil
+
+    from medbloom.config import ExperimentConfig
+    from medbloom.experiment import prepare_run
+    from medbloom.federation.simulation import run_simulation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    subset = tmp_path / "bt-subset"
+    for split, n in (("Training", 20), ("Testing", 8)):
+        for name in BRAIN_CLASSES:
+            (subset / split / name).mkdir(parents=True)
+            for f in sorted((BRAIN_TUMOR / split / name).iterdir())[:n]:
+                shutil.copy(f, subset / split / name / f.name)
+    cfg = ExperimentConfig(
+        dataset=f"folder:{subset}",
+        num_clients=2,
+        rounds=1,
+        partition="iid",
+        min_partition_size=5,
+        out=str(tmp_path / "run"),
+    )
+    run_dir = prepare_run(cfg)
+    run_simulation(cfg, run_dir)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 1
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["dataset"] == f"folder:{subset}" and config["size"] == 64
+    with (run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["round"] for r in rows] == ["0", "1"] and rows[1]["clients_ok"] == "2"
+    report = json.loads((run_dir / "per_class.jsonl").read_text().splitlines()[-1])
+    assert tuple(report["class_names"]) == BRAIN_CLASSES
+    assert np.array(report["confusion_matrix"]).sum() == 4 * 8  # every test image scored

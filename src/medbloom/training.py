@@ -170,7 +170,9 @@ def train_local(
                 opt.zero_grad(set_to_none=True)
                 with _autocast(device, amp_dtype):
                     logits = model(xb)
-                    loss = criterion(logits.float(), yb)
+                    if amp_dtype is not None:  # the loss in float32, as autocast advises
+                        logits = logits.float()
+                    loss = criterion(logits, yb)
                 if global_params:
                     prox = sum(
                         ((p - g) ** 2).sum()
@@ -220,7 +222,9 @@ def predict(
     outs, total = [], 0.0
     for start in range(0, len(x), batch_size):
         with _autocast(device, amp_dtype):
-            logits = model(x[start : start + batch_size].to(device)).float()
+            logits = model(x[start : start + batch_size].to(device))
+        if amp_dtype is not None:
+            logits = logits.float()
         if y is not None:
             yb = y[start : start + batch_size].to(device)
             total += float(criterion(logits, yb)) * len(yb)
