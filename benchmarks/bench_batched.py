@@ -20,12 +20,7 @@ from _common import DATA_DIR, check_data, median, table
 from medbloom.batched import train_clients_batched
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import client_data, initial_model
-from medbloom.training import train_local
-
-
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    # medbloom.federation.client_app.client_seed, without importing Flower.
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+from medbloom.training import client_seed, train_local
 
 
 def main() -> None:

@@ -29,12 +29,6 @@ from typing import Any
 from _common import DATA_DIR, ENV, REPO, check_data, median, table, watch_run
 
 
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    # The formula of medbloom.federation.client_app.client_seed (not imported: it
-    # would import Flower, whose import time belongs to medbloom's side).
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
-
-
 def plain_loop(rounds: int, threads: int, data_dir: str) -> dict[str, object]:
     """The same federated training, hand-written. Returns monotonic timestamps."""
     t_import = time.monotonic()
@@ -45,7 +39,7 @@ def plain_loop(rounds: int, threads: int, data_dir: str) -> dict[str, object]:
     from medbloom.experiment import client_data, initial_model, server_data
     from medbloom.metrics import evaluate_scores, medmnist_acc, per_class_report
     from medbloom.models import build_model
-    from medbloom.training import load_arrays, predict, state_arrays, train_local
+    from medbloom.training import client_seed, load_arrays, predict, state_arrays, train_local
 
     torch.set_num_threads(threads)
     cfg = ExperimentConfig(data_dir=data_dir, rounds=rounds).validate()

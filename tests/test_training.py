@@ -31,13 +31,7 @@ from medbloom.training import (
 SIDE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as medbloom's clients use; faster on a busy, shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bright_dark(n: int, seed: int = 0, side: int = SIDE) -> tuple[torch.Tensor, torch.Tensor]:

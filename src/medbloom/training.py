@@ -50,6 +50,11 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (run, round, client), whichever process trains it."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+
+
 def set_threads(n: int | None = None) -> None:
     """One intra-op thread per process unless told otherwise.
 

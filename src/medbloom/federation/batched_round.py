@@ -14,10 +14,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from medbloom.batched import train_clients_batched
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import client_data
-from medbloom.federation.client_app import client_seed
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
-from medbloom.training import load_arrays, predict, resolve_device
+from medbloom.training import client_seed, load_arrays, predict, resolve_device
 
 
 def train_round_batched(

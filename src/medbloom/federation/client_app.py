@@ -18,6 +18,7 @@ from medbloom.experiment import client_data
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
 from medbloom.training import (
+    client_seed,
     load_arrays,
     predict,
     resolve_device,
@@ -63,11 +64,6 @@ def node_config_of(
     if node_config.get("data-dir"):
         cfg = cfg.replace(data_dir=str(node_config["data-dir"]))
     return cfg, pid, num
-
-
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A distinct, reproducible seed per (run, round, client), whichever process trains it."""
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
 
 def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
