@@ -164,6 +164,8 @@ class ExperimentConfig:
         ]
         if self.batched == "on" and self.augment != "none":
             raise ConfigError("--batched on does not support --augment; use --augment none")
+        if self.batched == "on" and self.precision == "bf16":
+            raise ConfigError("--batched on trains in float32: use --precision auto or fp32")
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(

@@ -205,9 +205,6 @@ def prepare_run(
     if cfg.batched == "on":
         from medbloom.batched import check_batchable
 
-        if cfg.precision == "bf16":
-            raise ConfigError("--batched on trains in float32: use --precision auto or fp32")
-
         try:
             check_batchable(model)
         except NotImplementedError as exc:

@@ -367,7 +367,7 @@ def _status(run_dir: Path, since: float = 0.0) -> str:
 
 def _wait_for_status(run_dir: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _status(run_dir, 0.0) == "running":
+    while time.monotonic() < deadline and _status(run_dir) == "running":
         time.sleep(0.2)
 
 
