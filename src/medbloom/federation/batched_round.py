@@ -9,14 +9,15 @@ from __future__ import annotations
 import time
 from typing import cast
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from medbloom.batched import train_clients_batched
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import client_data
+from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
-from medbloom.training import client_seed, load_arrays, predict, resolve_device
+from medbloom.training import client_seed, load_arrays, predict, resolve_device, state_arrays
 
 
 def train_round_batched(
@@ -34,7 +35,8 @@ def train_round_batched(
     spec = data[0].spec
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, spec, freeze=cfg.freeze)
-    load_arrays(model, messages[0].content.array_records["arrays"].to_torch_state_dict())
+    layout = Layout.of(state_arrays(model))
+    load_arrays(model, layout.unpack(messages[0].content.array_records["arrays"]))
     results = train_clients_batched(
         model,
         [(d.train.x, d.train.y, d.weights) for d in data],
@@ -62,6 +64,6 @@ def train_round_batched(
             load_arrays(model, state)
             probs, _ = predict(model, d.val.x, None, spec.task, device=device)
             metrics["local_val_accuracy"] = medmnist_acc(d.val.labels, probs, spec.task)
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+        content = RecordDict({"arrays": layout.pack(state), "metrics": MetricRecord(metrics)})
         replies.append(Message(content=content, reply_to=msg))
     return replies

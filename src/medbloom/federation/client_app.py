@@ -8,13 +8,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.experiment import client_data
+from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
 from medbloom.training import (
@@ -73,7 +74,8 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
     cfg, pid, num = node_config_of(cfg, context.node_config)
     data = client_data(cfg, pid, num)
     model = _model(cfg, data.spec)
-    load_arrays(model, msg.content.array_records["arrays"].to_torch_state_dict())
+    layout = Layout.of(state_arrays(model))
+    load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
     config = msg.content.config_records["config"]
     server_round = int(cast(int, config.get("server-round", 0)))
     device = resolve_device(cfg.device)
@@ -106,7 +108,7 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
         metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
     metrics["seconds"] = time.perf_counter() - started
     content = RecordDict(
-        {"arrays": ArrayRecord(state_arrays(model)), "metrics": MetricRecord(metrics)}
+        {"arrays": layout.pack(state_arrays(model)), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
 

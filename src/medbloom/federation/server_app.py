@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,6 +32,7 @@ from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
 from medbloom.federation.pulls import shorten_pull_backoff
 from medbloom.federation.strategies import build_strategy
+from medbloom.federation.wire import Layout
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
 from medbloom.system import usable_cpus
@@ -57,13 +58,13 @@ class Evaluator:
         self.model = initial_model(cfg, self.spec)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_precision(cfg.precision, self.device)
-
+        self.layout = Layout.of(state_arrays(self.model))
         self.last_report: dict[str, Any] = {}
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Scores on test (no prefix) and validation (``val_``); the test split's
-        per-class report is kept in ``last_report``."""
-        load_arrays(self.model, arrays.to_torch_state_dict())
+        """Scores of packed global weights on test (no prefix) and validation
+        (``val_``); the test split's per-class report is kept in ``last_report``."""
+        load_arrays(self.model, self.layout.unpack(arrays))
         out, probs = self._split(self.test, "")
         self.last_report = per_class_report(
             self.test.labels, probs, self.spec.task, self.spec.class_names
@@ -368,14 +369,14 @@ def run_federation(
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
-            arrays = ArrayRecord(ckpt["model"])
+            arrays = _global_arrays(ckpt, evaluator.layout)
             first, offset = ckpt["round"] + 1, float(ckpt["metrics"]["elapsed_seconds"])
             log.info("resuming after round %d of %d", ckpt["round"], cfg.rounds)
         else:
             strategy = build_strategy(cfg)
-            arrays = ArrayRecord(state_arrays(evaluator.model))
+            arrays = evaluator.layout.pack(state_arrays(evaluator.model))
             first, offset = 1, 0.0
-        reference = {k: tuple(v.shape) for k, v in arrays.to_torch_state_dict().items()}
+        reference = evaluator.layout.reference()
         wait_for_nodes(
             live,
             cfg.num_clients if not ckpt else min_clients,
@@ -390,7 +391,7 @@ def run_federation(
             row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0}
             row["eval_seconds"] = time.monotonic() - t_eval
             row["elapsed_seconds"] = 0.0
-            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
+            _record(recorder, row, evaluator, arrays, on_round, cfg, strategy)
         for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
@@ -440,7 +441,7 @@ def run_federation(
                 "eval_seconds": done - now,
                 "elapsed_seconds": done - started,
             }
-            _record(recorder, row, arrays, on_round, cfg, evaluator.last_report, strategy)
+            _record(recorder, row, evaluator, arrays, on_round, cfg, strategy)
         status = "finished"
         return row
     except RunInterrupted as exc:
@@ -477,17 +478,32 @@ def _load_resume_state(run_dir: Path) -> dict[str, Any]:
     return ckpt
 
 
+def _global_arrays(ckpt: dict[str, Any], layout: Layout) -> ArrayRecord:
+    """The packed global arrays a checkpoint resumes from."""
+    if "global_arrays" in ckpt:
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in ckpt["global_arrays"].items()})
+    # a checkpoint written before packing: its "model" holds the strategy's arrays
+    return layout.pack({n: ckpt["model"][n].to(dtype) for n, _, dtype in layout.entries})
+
+
 def _record(
     recorder: RunRecorder,
     row: dict[str, Any],
+    evaluator: Evaluator,
     arrays: ArrayRecord,
     on_round: RoundCallback | None,
     cfg: ExperimentConfig,
-    per_class: dict[str, Any],
     strategy: Any,
 ) -> None:
-    resume_state = {"strategy": pickle.dumps(strategy)}
-    is_best = recorder.record_round(row, arrays.to_torch_state_dict(), per_class, resume_state)
+    # The global arrays exactly as the strategy made them (FedAdam's are float64),
+    # so a resumed run goes on from the same numbers; the checkpoint's "model" is
+    # the state dict in the model's own dtype.
+    resume_state = {
+        "strategy": pickle.dumps(strategy),
+        "global_arrays": {k: a.numpy() for k, a in arrays.items()},
+    }
+    state = evaluator.layout.unpack(arrays)
+    is_best = recorder.record_round(row, state, evaluator.last_report, resume_state)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",
         row["round"],
