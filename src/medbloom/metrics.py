@@ -10,14 +10,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+
+# scikit-learn is imported where it is used: it takes about a second to import, and
+# a hospital process needs only the accuracy (numpy) for its local validation.
 
 MULTI_LABEL = "multi-label, binary-class"
 METRIC_NAMES = ("accuracy", "auc", "balanced_accuracy", "precision", "recall", "f1")
@@ -28,6 +23,8 @@ def _safe_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     # and returns NaN); a small validation split can hit that, so it is NaN here, quietly.
     if len(np.unique(y_true)) < 2:
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y_true, y_score))
 
 
@@ -47,16 +44,16 @@ def medmnist_auc(y_true: np.ndarray, y_score: np.ndarray, task: str) -> float:
 def medmnist_acc(
     y_true: np.ndarray, y_score: np.ndarray, task: str, threshold: float = 0.5
 ) -> float:
-    """Accuracy as ``medmnist.evaluator.getACC`` computes it."""
+    """Accuracy as ``medmnist.evaluator.getACC`` computes it (scikit-learn's
+    ``accuracy_score``, per label for the multi-label task, then averaged)."""
+    y_true = np.asarray(y_true)
     if task == MULTI_LABEL:
         pred = y_score > threshold
-        return float(
-            np.mean([accuracy_score(y_true[:, i], pred[:, i]) for i in range(y_true.shape[1])])
-        )
+        return float(np.mean([np.mean(y_true[:, i] == pred[:, i]) for i in range(y_true.shape[1])]))
     if task == "binary-class":
         score = y_score[:, -1] if y_score.ndim == 2 else y_score
-        return float(accuracy_score(y_true, score > threshold))
-    return float(accuracy_score(y_true, np.argmax(y_score, axis=-1)))
+        return float(np.mean(y_true.reshape(-1) == (score > threshold)))
+    return float(np.mean(y_true.reshape(-1) == np.argmax(y_score, axis=-1)))
 
 
 def predictions(y_score: np.ndarray, task: str, threshold: float = 0.5) -> np.ndarray:
@@ -78,6 +75,9 @@ def evaluate_scores(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
     y_score = np.asarray(y_score, dtype=np.float64)
     if len(y_true) == 0:
         raise ValueError("cannot evaluate on an empty set")
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
+
     pred = predictions(y_score, task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -114,6 +114,9 @@ def per_class_report(
     y_true: np.ndarray, y_score: np.ndarray, task: str, class_names: tuple[str, ...]
 ) -> dict[str, object]:
     """Per-class precision, recall, F1, support, and the confusion matrix (single-label tasks)."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     pred = predictions(np.asarray(y_score, dtype=np.float64), task)
     n = len(class_names)
     with warnings.catch_warnings():
