@@ -150,12 +150,19 @@ def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     rows = _rows(out)
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert all(r["clients_ok"] == "3" for r in rows[1:])
+    pids = json.loads((out / "flwr" / "pids.json").read_text())
     for name in ("superlink", "client_0", "client_1", "client_2", "server", "flwr-run"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0, name
     # each hospital process ran its ClientApp in-process, once per round
     for i in range(3):
-        assert "waiting for ClientApp tasks" in (out / "logs" / f"client_{i}.log").read_text()
+        log = (out / "logs" / f"client_{i}.log").read_text()
+        assert "waiting for ClientApp tasks" in log
+        # stopped on SIGTERM through Flower's exit handlers, its log flushed before
+        # the node skips the interpreter's teardown
+        assert log.rstrip().endswith(f"Finished server process [{pids[f'client_{i}']}]"), log
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    # the plots are written before summary.json says the run finished
+    assert (out / "learning_curves.png").exists() and (out / "confusion_matrix.png").exists()
     assert json.loads((out / "config.json").read_text())["config"]["data-dir"] == str(
         tmp_path / "data"
     )

@@ -453,9 +453,13 @@ def run_federation(
         log.error("run failed: %s", error)
         raise
     finally:
-        recorder.close(status, error)
-        _write_plots(run_dir)
-        detach_log_file(handler)
+        # The plots before the final status: once summary.json says how the run
+        # ended, everything is written (`medbloom launch` then stops the processes).
+        try:
+            _write_plots(run_dir)
+        finally:
+            recorder.close(status, error)
+            detach_log_file(handler)
 
 
 def _write_plots(run_dir: Path) -> None:
