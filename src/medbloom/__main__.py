@@ -1,5 +1,3 @@
-import sys
+from medbloom.cli import entry
 
-from medbloom.cli import main
-
-sys.exit(main())
+entry()
