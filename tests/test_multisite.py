@@ -1,6 +1,9 @@
 """The multi-site commands of the README, for real on 127.0.0.1: `medbloom certs`,
 `medbloom server` (TLS + node authentication), `flwr supernode register`, one
 `medbloom node` per hospital on a data root of its own, and `flwr run` of the project.
+Also what the security rests on: the SuperLink serves the certificate `medbloom
+certs` made, a node with an unregistered key is refused, and a node that does not
+trust the CA fails the TLS handshake.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from medbloom.certs import make_certs
 from synthetic import write_npz
 
 pytestmark = pytest.mark.slow
@@ -100,31 +106,64 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
             assert procs[0].poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "the SuperLink did not start"
             time.sleep(0.3)
-        for i in range(2):  # node_2's key is never registered
-            reg = flwr("supernode", "register", str(certs / f"node_{i}.pub"), "medbloom")
-            assert reg.returncode == 0, reg.stdout + reg.stderr
+        # TLS: the port presents the server certificate `medbloom certs` made.
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+        assert served == x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
 
-        def node(i: int) -> subprocess.Popen[bytes]:
+        node_ids = []
+        for i in range(2):  # node_2's key is never registered
+            reg = flwr(
+                "supernode",
+                "register",
+                str(certs / f"node_{i}.pub"),
+                "medbloom",
+                "--format",
+                "json",
+            )
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            node_ids.append(int(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"]))
+
+        def status() -> dict[int, str]:
+            out = flwr("supernode", "list", "medbloom", "--format", "json")
+            assert out.returncode == 0, out.stdout + out.stderr
+            nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
+            return {int(n["node-id"]): n["status"] for n in nodes}
+
+        assert [status().get(n) for n in node_ids] == ["registered", "registered"]
+
+        def node(i: int, ca: Path, log: str) -> subprocess.Popen[bytes]:
             return medbloom(
                 "node",
                 "--superlink",
                 f"127.0.0.1:{port}",
                 "--root-certificates",
-                str(certs / "ca.crt"),
+                str(ca),
                 "--auth-supernode-private-key",
                 str(certs / f"node_{i}"),
                 "--port",
                 str(_free_port()),
                 "--node-config",
-                f"data-dir='{hospitals[i] if i < 2 else hospitals[0]}'",
-                log=f"node_{i}.log",
+                f"data-dir='{hospitals[min(i, 1)]}'",
+                log=log,
             )
 
-        procs += [node(0), node(1)]
-        intruder = node(2)
-        procs.append(intruder)
+        procs += [node(0, certs / "ca.crt", "node_0.log"), node(1, certs / "ca.crt", "node_1.log")]
+        intruder = node(2, certs / "ca.crt", "node_2.log")
+        other_ca = make_certs(tmp_path / "other", num_nodes=0).ca_cert  # a CA the server never used
+        distrustful = node(0, other_ca, "node_wrong_ca.log")
+        procs += [intruder, distrustful]
         assert intruder.wait(timeout=90) == 1, (tmp_path / "node_2.log").read_text()
         assert "Exit Code: 305" in (tmp_path / "node_2.log").read_text()
+        assert (
+            "No SuperNode found with the given public key" in (tmp_path / "server.log").read_text()
+        )
+        assert distrustful.wait(timeout=90) == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "node_wrong_ca.log").read_text()
 
         run = flwr(
             "run",
@@ -137,6 +176,7 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
             timeout=300,
         )
         assert run.returncode == 0, run.stdout + run.stderr
+        assert [status().get(n) for n in node_ids] == ["online", "online"]
         deadline = time.monotonic() + 60
         while not (out / "summary.json").exists() or (
             json.loads((out / "summary.json").read_text())["status"] == "running"
