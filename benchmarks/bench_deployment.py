@@ -4,7 +4,11 @@ Runs the same experiment both ways, one after the other in this script, and prin
 median seconds per round (rounds 2..R: round 1 includes start-up in both) and the
 difference. Usage:
 
-    .venv/bin/python benchmarks/bench_deployment.py [--quick] [--data-dir DIR]
+    .venv/bin/python benchmarks/bench_deployment.py [--quick] [--reps N] [--data-dir DIR]
+
+With ``--reps N`` the two engines alternate N times; the table shows, for each engine,
+the median over repetitions of wall time, round 1 and median s/round, and the difference
+is the median of the N paired differences.
 """
 
 from __future__ import annotations
@@ -50,24 +54,46 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 clients, 3 rounds")
+    parser.add_argument("--reps", type=int, default=1, help="alternate the engines N times")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
     clients, rounds = (3, 3) if args.quick else (10, 6)
-    results = {}
+    walls: dict[str, list[float]] = {"run": [], "launch": []}
+    firsts: dict[str, list[float]] = {"run": [], "launch": []}
+    meds: dict[str, list[float]] = {"run": [], "launch": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("run", "launch"):
-            results[mode] = run(mode, Path(tmp) / mode, args.data_dir, clients, rounds)
-    sim_wall, sim = results["run"]
-    dep_wall, dep = results["launch"]
-    sim_med, dep_med = statistics.median(sim[1:]), statistics.median(dep[1:])
-    print(f"PneumoniaMNIST, {clients} clients, {rounds} rounds, defaults otherwise\n")
+        for rep in range(args.reps):
+            for mode in ("run", "launch"):
+                wall, rounds_s = run(
+                    mode, Path(tmp) / f"{mode}{rep}", args.data_dir, clients, rounds
+                )
+                walls[mode].append(wall)
+                firsts[mode].append(rounds_s[0])
+                meds[mode].append(statistics.median(rounds_s[1:]))
+            print(
+                f"repetition {rep + 1}: simulation {meds['run'][-1]:.2f}, deployment "
+                f"{meds['launch'][-1]:.2f} s/round",
+                flush=True,
+            )
+    med = statistics.median
+    diffs = [d - s for s, d in zip(meds["run"], meds["launch"], strict=True)]
+    sim_med, dep_med = med(meds["run"]), med(meds["launch"])
+    print(f"\nPneumoniaMNIST, {clients} clients, {rounds} rounds, defaults otherwise")
+    print(f"median of {args.reps} repetition(s)\n")
     print("| engine | wall s | round 1 s | median s/round (rounds 2+) |")
     print("|---|---|---|---|")
-    print(f"| simulation (`medbloom run`) | {sim_wall:.1f} | {sim[0]:.1f} | {sim_med:.2f} |")
-    print(f"| deployment (`medbloom launch`) | {dep_wall:.1f} | {dep[0]:.1f} | {dep_med:.2f} |")
+    for name, mode in (
+        ("simulation (`medbloom run`)", "run"),
+        ("deployment (`medbloom launch`)", "launch"),
+    ):
+        print(
+            f"| {name} | {med(walls[mode]):.1f} | {med(firsts[mode]):.1f} | {med(meds[mode]):.2f} |"
+        )
     print(
-        f"\ndeployment - simulation: {dep_med - sim_med:+.2f} s per round "
-        f"(ratio {dep_med / sim_med:.2f})"
+        f"\ndeployment - simulation: {med(diffs):+.2f} s per round "
+        f"(ratio {dep_med / sim_med:.2f}; per repetition: "
+        + ", ".join(f"{d:+.2f}" for d in diffs)
+        + ")"
     )
 
 
