@@ -505,11 +505,9 @@ def entry() -> NoReturn:
     have ended by then."""
     code = main()
     if sys.argv[1:2] and sys.argv[1] in _FAST_EXIT:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        from medbloom.system import exit_without_teardown
+
+        exit_without_teardown(code)
     sys.exit(code)
 
 

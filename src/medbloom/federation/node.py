@@ -24,7 +24,6 @@ idle, 0.5 s between checks for its ClientApp's reply. Here
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
+from medbloom.system import exit_without_teardown
 
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
@@ -137,18 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # a process, which with ten hospitals on two cores made a launch take 10 s to
         # stop. A node writes nothing but its log, so flush that and leave now.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        _exit_now(code)
-
-
-def _exit_now(code: int) -> None:
-    import logging
-    import os
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+        exit_without_teardown(code)
 
 
 if __name__ == "__main__":

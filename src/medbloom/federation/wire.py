@@ -20,6 +20,7 @@ Checkpoints keep the ordinary state dict (``Layout.unpack``).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,10 +48,8 @@ class Layout:
         """Packed array name (a dtype) -> number of values it must hold."""
         out: dict[str, int] = {}
         for _, shape, dtype in self.entries:
-            n = 1
-            for d in shape:
-                n *= d
-            out[_dtype_name(dtype)] = out.get(_dtype_name(dtype), 0) + n
+            key = _dtype_name(dtype)
+            out[key] = out.get(key, 0) + math.prod(shape)
         return out
 
     def reference(self) -> dict[str, tuple[int, ...]]:
@@ -97,9 +96,7 @@ class Layout:
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name, shape, dtype in self.entries:
             key = _dtype_name(dtype)
-            n = 1
-            for d in shape:
-                n *= d
+            n = math.prod(shape)
             start = offsets[key]
             out[name] = flat[key][start : start + n].view(shape)
             offsets[key] = start + n
