@@ -111,6 +111,12 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     """Two runs with the same config and seed record identical metrics."""
     a = _check_run(_run(tmp_path, "a"), rounds=2, clients=3)  # FedAvg, binary task
     assert a[1]["loss"] != a[0]["loss"] or a[2]["loss"] != a[0]["loss"]
-    b = _metrics(_run(tmp_path, "b"))
+    b_dir = _run(tmp_path, "b")
+    b = _metrics(b_dir)
+    # FedAvg's global arrays are float32 like the model: the checkpoint holds the
+    # weights once, as the state dict, with no packed copy beside them
+    ckpt = torch.load(b_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert ckpt["global_arrays"] == {}
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in b]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -156,6 +157,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, str
         return [tuple(r[k] for k in keys) for r in _rows(path, "clients.csv")]
 
     assert client_view(run_dir) == client_view(tmp_path / "whole")
+    # FedAdam computes in float64: those values are kept beside the float32 model
+    latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert {v.dtype.name for v in latest["global_arrays"].values()} == {"float64"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == rounds
     lines = (run_dir / "per_class.jsonl").read_text().splitlines()

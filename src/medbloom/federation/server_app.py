@@ -32,7 +32,7 @@ from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
 from medbloom.federation.pulls import shorten_pull_backoff
 from medbloom.federation.strategies import build_strategy
-from medbloom.federation.wire import Layout
+from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
 from medbloom.system import usable_cpus
@@ -61,10 +61,10 @@ class Evaluator:
         self.layout = Layout.of(state_arrays(self.model))
         self.last_report: dict[str, Any] = {}
 
-    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Scores of packed global weights on test (no prefix) and validation
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scores of the global weights on test (no prefix) and validation
         (``val_``); the test split's per-class report is kept in ``last_report``."""
-        load_arrays(self.model, self.layout.unpack(arrays))
+        load_arrays(self.model, state)
         out, probs = self._split(self.test, "")
         self.last_report = per_class_report(
             self.test.labels, probs, self.spec.task, self.spec.class_names
@@ -388,10 +388,11 @@ def run_federation(
         row: dict[str, Any] = dict(ckpt["metrics"]) if ckpt else {}
         if not ckpt:
             t_eval = time.monotonic()
-            row = {"round": 0, **evaluator(arrays), "round_seconds": 0.0}
+            flat, state = _unpacked(arrays, evaluator.layout)
+            row = {"round": 0, **evaluator(state), "round_seconds": 0.0}
             row["eval_seconds"] = time.monotonic() - t_eval
             row["elapsed_seconds"] = 0.0
-            _record(recorder, row, evaluator, arrays, on_round, cfg, strategy)
+            _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
         for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
@@ -426,7 +427,8 @@ def run_federation(
                 raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
             arrays = new_arrays
             now = time.monotonic()
-            scores = evaluator(arrays)
+            flat, state = _unpacked(arrays, evaluator.layout)
+            scores = evaluator(state)
             done = time.monotonic()
             row = {
                 "round": server_round,
@@ -441,7 +443,7 @@ def run_federation(
                 "eval_seconds": done - now,
                 "elapsed_seconds": done - started,
             }
-            _record(recorder, row, evaluator, arrays, on_round, cfg, strategy)
+            _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
         status = "finished"
         return row
     except RunInterrupted as exc:
@@ -482,32 +484,43 @@ def _load_resume_state(run_dir: Path) -> dict[str, Any]:
     return ckpt
 
 
+def _unpacked(
+    arrays: ArrayRecord, layout: Layout
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """The global arrays deserialised once: the packed values, and the state dict
+    (views of them) that evaluation and the checkpoints use."""
+    flat = flat_values(arrays)
+    return flat, layout.unflatten(flat)
+
+
 def _global_arrays(ckpt: dict[str, Any], layout: Layout) -> ArrayRecord:
-    """The packed global arrays a checkpoint resumes from."""
-    if "global_arrays" in ckpt:
-        return ArrayRecord({k: Array(np.asarray(v)) for k, v in ckpt["global_arrays"].items()})
-    # a checkpoint written before packing: its "model" holds the strategy's arrays
-    return layout.pack({n: ckpt["model"][n].to(dtype) for n, _, dtype in layout.entries})
+    """The packed global arrays a checkpoint resumes from: its model, plus the
+    values the model's dtype cannot hold exactly (a server optimizer's float64)."""
+    arrays = layout.pack({n: ckpt["model"][n].to(dtype) for n, _, dtype in layout.entries})
+    for key, values in ckpt.get("global_arrays", {}).items():
+        arrays[key] = Array(np.asarray(values))
+    return arrays
 
 
 def _record(
     recorder: RunRecorder,
     row: dict[str, Any],
-    evaluator: Evaluator,
-    arrays: ArrayRecord,
+    state: dict[str, torch.Tensor],
+    flat: dict[str, np.ndarray],
     on_round: RoundCallback | None,
     cfg: ExperimentConfig,
+    per_class: dict[str, Any],
     strategy: Any,
 ) -> None:
-    # The global arrays exactly as the strategy made them (FedAdam's are float64),
-    # so a resumed run goes on from the same numbers; the checkpoint's "model" is
-    # the state dict in the model's own dtype.
+    # The checkpoint's "model" is the state dict in the model's own dtype. Packed
+    # arrays of a wider dtype (FedAdam computes in float64; the array is named by
+    # the model's dtype) are kept as they are too, so a resumed run goes on from
+    # the same numbers; with FedAvg there are none and nothing is stored twice.
     resume_state = {
         "strategy": pickle.dumps(strategy),
-        "global_arrays": {k: a.numpy() for k, a in arrays.items()},
+        "global_arrays": {k: v for k, v in flat.items() if v.dtype.name != k},
     }
-    state = evaluator.layout.unpack(arrays)
-    is_best = recorder.record_round(row, state, evaluator.last_report, resume_state)
+    is_best = recorder.record_round(row, state, per_class, resume_state)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",
         row["round"],

@@ -25,12 +25,18 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def flat_values(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """A packed record's arrays, deserialised: array name -> values."""
+    return {key: array.numpy() for key, array in arrays.items()}
 
 
 @dataclass(frozen=True)
@@ -70,17 +76,22 @@ class Layout:
 
     def unpack(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         """The state dict a packed record holds; ValueError if it does not fit."""
+        return self.unflatten(flat_values(arrays))
+
+    def unflatten(self, flat_arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+        """:meth:`unpack` for a packed record already deserialised (array name ->
+        values); the tensors are views of those values where the dtypes agree."""
         sizes = self.sizes()
-        if set(arrays.keys()) != set(sizes):
+        if set(flat_arrays) != set(sizes):
             raise ValueError(
-                f"packed arrays {sorted(arrays.keys())} do not fit the model "
+                f"packed arrays {sorted(flat_arrays)} do not fit the model "
                 f"(expected {sorted(sizes)}): server and hospitals must run the same "
                 "medbloom version and model"
             )
         dtypes = {_dtype_name(dtype): dtype for _, _, dtype in self.entries}
         flat = {}
         for key, n in sizes.items():
-            values = torch.from_numpy(arrays[key].numpy()).reshape(-1)
+            values = torch.from_numpy(flat_arrays[key]).reshape(-1)
             if values.numel() != n:
                 raise ValueError(
                     f"packed array {key} holds {values.numel()} values, the model needs {n}"
