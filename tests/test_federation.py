@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.clientapp import ClientApp
 
 from medbloom.config import STRATEGIES, ExperimentConfig
 from medbloom.experiment import prepare_run
+from medbloom.federation.client_app import make_client_app
 from medbloom.federation.simulation import run_simulation
 from medbloom.runs import METRICS_COLUMNS
 from synthetic import write_npz
@@ -27,7 +29,7 @@ COUNTS = {"train": 90, "val": 24, "test": 24}
 TIMING = {"round_seconds", "eval_seconds", "elapsed_seconds"}
 
 
-def _run(tmp_path: Path, name: str, **knobs: object) -> Path:
+def _run(tmp_path: Path, name: str, client_app: ClientApp | None = None, **knobs: object) -> Path:
     dataset = str(knobs.get("dataset", "pneumoniamnist"))
     size = int(knobs.get("size", 28))  # type: ignore[call-overload]
     root = tmp_path / "data"
@@ -46,7 +48,7 @@ def _run(tmp_path: Path, name: str, **knobs: object) -> Path:
     ).replace(**knobs)
     run_dir = prepare_run(cfg.validate())
     rows: list[dict[str, object]] = []
-    run_simulation(cfg, run_dir, rows.append)
+    run_simulation(cfg, run_dir, rows.append, client_app=client_app)
     assert [r["round"] for r in rows] == list(range(cfg.rounds + 1))
     return run_dir
 
@@ -108,10 +110,23 @@ def test_federation_runs(
 
 
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
-    """Two runs with the same config and seed record identical metrics."""
-    a = _check_run(_run(tmp_path, "a"), rounds=2, clients=3)  # FedAvg, binary task
+    """Two runs with the same config and seed record identical metrics, also when the
+    simulation serves its clients in another order (the first run largest first, the
+    second in Flower's own node order, the largest client last)."""
+    a_dir = _run(tmp_path, "a")
+    a = _check_run(a_dir, rounds=2, clients=3)  # FedAvg, binary task
     assert a[1]["loss"] != a[0]["loss"] or a[2]["loss"] != a[0]["loss"]
-    b_dir = _run(tmp_path, "b")
+    # each client trained on its own partition: the samples it reported are its own
+    parts = json.loads((a_dir / "partitions.json").read_text())["clients"]
+    sizes = {str(p["client_id"]): p["num_train"] for p in parts}
+    with (a_dir / "clients.csv").open() as fh:
+        assert {r["client_id"]: int(r["num_examples"]) for r in csv.DictReader(fh)} == sizes
+    assert len(set(sizes.values())) == 3  # distinct sizes: a mix-up would show
+    cfg = ExperimentConfig.from_mapping(
+        json.loads((a_dir / "config.json").read_text())["config"], "config.json"
+    )
+    smallest_first = sorted(range(3), key=lambda i: sizes[str(i)])
+    b_dir = _run(tmp_path, "b", client_app=make_client_app(cfg, slot_order=smallest_first))
     b = _metrics(b_dir)
     # FedAvg's global arrays are float32 like the model: the checkpoint holds the
     # weights once, as the state dict, with no packed copy beside them

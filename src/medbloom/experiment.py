@@ -77,6 +77,21 @@ def _partitions(
     )
 
 
+def largest_first(cfg: ExperimentConfig) -> list[int]:
+    """The clients in the order a simulation should train them: most training samples
+    first (ties by client number).
+
+    Flower's Simulation Engine hands a round's messages to its workers in the order of
+    its simulated nodes, and a worker takes the next one when it is free. Longest
+    first is the classic rule for finishing such a queue early: with the largest
+    client last, one worker trains it alone at the end of every round while the others
+    wait. Which client trains where changes no result: local training is seeded per
+    (round, client) and replies are aggregated in client order.
+    """
+    parts = partitions_for(cfg)
+    return sorted(range(len(parts)), key=lambda i: (-len(parts[i].train), i))
+
+
 @dataclass(frozen=True)
 class TensorSplit:
     """A split as ready-to-use tensors (normalised once), with its numpy labels."""

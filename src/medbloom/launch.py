@@ -30,8 +30,15 @@ from medbloom.certs import CertBundle, connection_toml, load_bundle, make_certs
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
 from medbloom.runs import atomic_write_text, read_metrics
+from medbloom.system import pack_onto_cpus, pin_process
 
 CONNECTION = "medbloom"
+# The SuperLink, and the ServerApp it starts, run at a lower CPU priority than the
+# hospitals: while hospitals train there is little for them to do but answer idle
+# hospitals' polls (a third of a core on two cores, FastAPI's cost per request), and
+# those can wait; when the last hospital replies, the others are idle and the
+# SuperLink and the server's evaluation get the cores. (Niceness added to launch's own.)
+COORDINATOR_NICE = 10
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -112,7 +119,9 @@ class Deployment:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
-    def _start(self, name: str, cmd: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, cmd: list[str], log_name: str, nice: int = 0
+    ) -> subprocess.Popen[bytes]:
         log = (self.logs / log_name).open("ab")
         self._logs[name] = log
         proc = subprocess.Popen(
@@ -124,6 +133,11 @@ class Deployment:
             start_new_session=True,  # Ctrl-C goes to medbloom launch, which stops them in order
         )
         self.procs[name] = proc
+        if nice and hasattr(os, "setpriority"):
+            # before it starts anything: the processes it starts inherit the priority
+            with contextlib.suppress(OSError):
+                own = os.getpriority(os.PRIO_PROCESS, 0)
+                os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, own + nice))
         # Which process is which, for the user (and tests) to stop or inspect one by PID.
         pids = {n: p.pid for n, p in self.procs.items()}
         atomic_write_text(self.flwr_home / "pids.json", json.dumps(pids, indent=1) + "\n")
@@ -144,6 +158,7 @@ class Deployment:
                 "--disable-runtime-dependency-installation",
             ],
             "superlink.log",
+            nice=COORDINATOR_NICE,
         )
         wait_for_port(self.port, proc, 60, "flower-superlink")
         address = f"127.0.0.1:{self.port}"
@@ -203,6 +218,23 @@ class Deployment:
             "flwr-run.log",
         )
 
+    def pin_nodes(self, cpus: list[int]) -> None:
+        """Give hospital process ``i`` CPU ``cpus[i]`` alone (with others, where there
+        are more hospitals than CPUs).
+
+        Ten single-threaded hospitals on two cores otherwise share both cores evenly:
+        the largest, which ends every round, gets a fifth of a core while the others
+        train, and trains alone on one core at the end while the other core idles (on
+        the default experiment 9.3 s of training a round instead of 7.5). Packed by
+        data size, the cores finish together, as the simulation's one-worker-per-core
+        queue does. Done once the nodes are up (round 0 recorded): pinned from the
+        start, nine of them would import torch and Flower on one core.
+        """
+        for i, cpu in enumerate(cpus):
+            proc = self.procs.get(f"client_{i}")
+            if proc is not None and proc.poll() is None:
+                pin_process(proc.pid, {cpu})
+
     def dead_nodes(self) -> list[str]:
         """Hospital processes that have exited."""
         return [
@@ -255,6 +287,20 @@ class Deployment:
                     os.kill(int(proc_dir.name), signal.SIGTERM)
 
 
+def node_cpus(run_dir: Path, num_clients: int) -> list[int]:
+    """The CPU each hospital process trains on: the partitions packed onto this
+    process's CPUs by training samples, largest first (see :meth:`Deployment.pin_nodes`)."""
+    try:
+        clients = json.loads((run_dir / "partitions.json").read_text())["clients"]
+        loads = [float(c["num_train"]) for c in clients][:num_clients]
+    except (OSError, ValueError, KeyError, TypeError):
+        loads = []
+    if len(loads) != num_clients:
+        loads = [1.0] * num_clients
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    return pack_onto_cpus(loads, cpus)
+
+
 def node_config(cfg: ExperimentConfig, node: int) -> str:
     return (
         f"partition-id={node} num-partitions={cfg.num_clients} data-dir={json.dumps(cfg.data_dir)}"
@@ -292,6 +338,7 @@ def launch(
             )
     (run_dir / "STOP").unlink(missing_ok=True)
     seen = len(read_metrics(run_dir)) if resume else 0
+    cpus, pinned_after = node_cpus(run_dir, cfg.num_clients), seen
     started = time.time()
     with Deployment(run_dir, bundle) as dep:
         dep.start_superlink()
@@ -312,6 +359,9 @@ def launch(
                     )
                     on_round({**row, "best": best})
             seen = len(rows)
+            if cpus and seen > pinned_after:  # the nodes are up: a new round is recorded
+                dep.pin_nodes(cpus)
+                cpus = []
             status = _status(run_dir, started)
             flwr_run = dep.procs.get("flwr-run")
             if status in ("finished", "failed", "interrupted"):

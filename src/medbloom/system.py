@@ -18,6 +18,40 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def pack_onto_cpus(loads: list[float], cpus: list[int]) -> list[int]:
+    """A CPU for each job, so the CPUs' summed loads come out as even as possible.
+
+    Longest job first onto the least loaded CPU (ties: the lower CPU); with at
+    least as many CPUs as jobs, every job gets a CPU of its own.
+    """
+    if not cpus:
+        raise ValueError("no CPUs to pack onto")
+    total = {cpu: 0.0 for cpu in cpus}
+    out = [cpus[0]] * len(loads)
+    for job in sorted(range(len(loads)), key=lambda j: (-loads[j], j)):
+        cpu = min(cpus, key=lambda c: (total[c], c))
+        out[job] = cpu
+        total[cpu] += loads[job]
+    return out
+
+
+def pin_process(pid: int, cpus: set[int]) -> bool:
+    """Restrict every thread of process ``pid`` to ``cpus``; threads it starts later
+    inherit that. False where the process is gone or the platform cannot."""
+    if not hasattr(os, "sched_setaffinity"):
+        return False
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    pinned = False
+    for tid in threads:
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(tid, cpus)
+            pinned = True
+    return pinned
+
+
 def exit_without_teardown(code: int) -> NoReturn:
     """Flush the logs and standard streams, then end the process at once.
 

@@ -4,7 +4,7 @@ weights and metrics only."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -67,11 +67,19 @@ def node_config_of(
     return cfg, pid, num
 
 
-def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """Train on this node's partition and reply with weights, metrics and ``num-examples``."""
+def train_on_message(
+    msg: Message,
+    context: Context,
+    cfg: ExperimentConfig,
+    node_config: Mapping[str, Any] | None = None,
+) -> Message:
+    """Train on this node's partition and reply with weights, metrics and ``num-examples``.
+
+    ``node_config`` replaces the context's (see ``slot_order`` of :func:`make_client_app`).
+    """
     started = time.perf_counter()
     set_threads()
-    cfg, pid, num = node_config_of(cfg, context.node_config)
+    cfg, pid, num = node_config_of(cfg, context.node_config if node_config is None else node_config)
     data = client_data(cfg, pid, num)
     model = _model(cfg, data.spec)
     layout = Layout.of(state_arrays(model))
@@ -113,21 +121,35 @@ def train_on_message(msg: Message, context: Context, cfg: ExperimentConfig) -> M
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
-    """A ClientApp; with ``cfg`` it ignores the run config (used by ``medbloom run``)."""
+def make_client_app(
+    cfg: ExperimentConfig | None = None, slot_order: Sequence[int] | None = None
+) -> ClientApp:
+    """A ClientApp; with ``cfg`` it ignores the run config (used by ``medbloom run``).
+
+    ``slot_order`` (simulation only): the simulated node Flower numbers ``k`` holds
+    client ``slot_order[k]``, so the engine, which serves its nodes in number order,
+    trains the clients in that order (see :func:`medbloom.experiment.largest_first`).
+    The client number is what the node reports and trains on; nothing else changes.
+    """
     app = ClientApp()
+
+    def node_config(context: Context) -> Mapping[str, Any]:
+        config = dict(context.node_config)
+        if slot_order is not None and "partition-id" in config:
+            config["partition-id"] = slot_order[int(cast(int, config["partition-id"]))]
+        return config
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Say which partition this node holds, so the server can order nodes by
         client, the same way in every run (node IDs are random)."""
-        pid = int(context.node_config.get("partition-id", -1))
+        pid = int(node_config(context).get("partition-id", -1))
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
-        return train_on_message(msg, context, run_cfg)
+        return train_on_message(msg, context, run_cfg, node_config(context))
 
     return app
 

@@ -11,6 +11,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from medbloom.config import ExperimentConfig
+from medbloom.experiment import largest_first
 from medbloom.federation.client_app import make_client_app
 from medbloom.federation.server_app import RoundCallback, make_server_app
 from medbloom.system import usable_cpus
@@ -54,7 +55,7 @@ def run_simulation(
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     server = make_server_app(cfg, run_dir, on_round, stop, resume)
-    client = client_app or make_client_app(cfg)
+    client = client_app or make_client_app(cfg, slot_order=largest_first(cfg))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
