@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from medbloom.federation.node import IDLE_POLL, LOCAL_CHECK, Pacer
+from medbloom.federation.node import HOLD_HISTORY, HOLD_SHARE, IDLE_POLL, LOCAL_CHECK, Pacer
 from medbloom.federation.pulls import BACKOFF_CAP, INITIAL_BACKOFF, MAX_TRIES, _set_defaults
 
 
@@ -19,6 +19,62 @@ def test_pacer_polls_fast_after_a_message_and_slows_down_when_idle() -> None:
     assert waits[-1] == pytest.approx(1.0)
     assert sum(waits[:5]) < 1.0  # a node that replied last hears of the next round fast
     pacer.message_handled()
+    assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _round(pacer: Pacer, clock: Clock, gap: float) -> None:
+    """A reply, then the next message ``gap`` seconds later."""
+    pacer.reply_sent()
+    clock.now += gap
+    pacer.message_handled()
+    clock.now += 2.0  # training
+
+
+def test_pacer_sleeps_through_most_of_a_steady_wait_after_its_reply() -> None:
+    clock = Clock()
+    pacer = Pacer(slowest=1.0, clock=clock)
+    pacer.message_handled()
+    gaps = [9.0, 8.0, 10.0, 9.5][:HOLD_HISTORY]
+    for gap in gaps[:-1]:
+        _round(pacer, clock, gap)
+    pacer.reply_sent()
+    assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)  # not known yet: polls fast
+    clock.now += gaps[-1]
+    pacer.message_handled()
+    pacer.reply_sent()
+    first = pacer.wait(IDLE_POLL)
+    assert first == pytest.approx(HOLD_SHARE * min(gaps))  # of the shortest recent wait
+    clock.now += first
+    # then fast polls again, slowing down as usual
+    assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)
+    assert pacer.wait(IDLE_POLL) == pytest.approx(0.125)
+
+
+def test_pacer_holds_only_a_little_for_the_node_that_replies_last() -> None:
+    clock = Clock()
+    pacer = Pacer(slowest=1.0, clock=clock)
+    for _ in range(HOLD_HISTORY):
+        _round(pacer, clock, 1.2)  # the next round came right after the evaluation
+    pacer.reply_sent()
+    assert pacer.wait(IDLE_POLL) == pytest.approx(HOLD_SHARE * 1.2)
+
+
+def test_pacer_does_not_hold_when_the_waits_disagree() -> None:
+    """A node sampled in some rounds only (--fraction-train) cannot tell when its
+    next message comes: it polls as usual."""
+    clock = Clock()
+    pacer = Pacer(slowest=1.0, clock=clock)
+    for gap in (3.0, 20.0, 3.5):  # asked in rounds 1, 2 and 4
+        _round(pacer, clock, gap)
+    pacer.reply_sent()
     assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)
 
 

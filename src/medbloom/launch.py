@@ -227,8 +227,9 @@ class Deployment:
         train, and trains alone on one core at the end while the other core idles (on
         the default experiment 9.3 s of training a round instead of 7.5). Packed by
         data size, the cores finish together, as the simulation's one-worker-per-core
-        queue does. Done once the nodes are up (round 0 recorded): pinned from the
-        start, nine of them would import torch and Flower on one core.
+        queue does. Done once every node has trained once: the first round's work
+        (imports, data, model) is the same for every node, and pinned from the
+        start, nine of them would do it on one core.
         """
         for i, cpu in enumerate(cpus):
             proc = self.procs.get(f"client_{i}")
@@ -338,7 +339,9 @@ def launch(
             )
     (run_dir / "STOP").unlink(missing_ok=True)
     seen = len(read_metrics(run_dir)) if resume else 0
-    cpus, pinned_after = node_cpus(run_dir, cfg.num_clients), seen
+    # pinned once the first training round is recorded (round 0 too, in a new run):
+    # a node's first round imports, loads and builds, the same work for every node
+    cpus, pin_at = node_cpus(run_dir, cfg.num_clients), seen + (1 if resume else 2)
     started = time.time()
     with Deployment(run_dir, bundle) as dep:
         dep.start_superlink()
@@ -359,7 +362,7 @@ def launch(
                     )
                     on_round({**row, "best": best})
             seen = len(rows)
-            if cpus and seen > pinned_after:  # the nodes are up: a new round is recorded
+            if cpus and seen >= pin_at:
                 dep.pin_nodes(cpus)
                 cpus = []
             status = _status(run_dir, started)

@@ -8,11 +8,12 @@ its data, partition and model loaded for the whole run.
 Flower 1.41's SuperNode loop has fixed waits: 3 s between polls of the SuperLink when
 idle, 0.5 s between checks for its ClientApp's reply. Here
 
-* the SuperLink is polled 0.1 s after a message was handled, then less and less often
-  (x1.25 each time) down to once every ``--poll-interval`` seconds (default 1). The
-  node that trains longest, which decides when a round ends, is the one that replied
-  last, so it is still polling fast when the next round's message comes; nodes that
-  wait long poll seldom. An HTTP poll costs the SuperLink a request with a signature
+* the SuperLink is polled 0.1 s after a reply, then less and less often (x1.25 each
+  time) down to once every ``--poll-interval`` seconds (default 1). The node that
+  trains longest, which decides when a round ends, is the one that replied last, so
+  it is still polling fast when the next round's message comes; nodes that wait long
+  poll seldom, and once their waits are known they sleep through most of them
+  (:class:`Pacer`). An HTTP poll costs the SuperLink a request with a signature
   check and database queries; with ten hospitals on two cores, fixed 0.25 s polls
   took about a third of the machine from training.
 * the reply is checked every 0.05 s: that check reads the node's in-memory state,
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import types
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,29 +39,72 @@ from medbloom.system import exit_without_teardown
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
 LOCAL_CHECK = 0.05  # seconds between checks of the node's own state
+HOLD_SHARE = 0.85  # of the shortest recent wait from a reply to the next message
+HOLD_HISTORY = 3  # waits remembered; a hold needs this many that agree within 3x
+HOLD_CAP = 30.0  # seconds: the longest hold
 
 
 class Pacer:
-    """The SuperNode loop's sleeps: short while a round is under way, longer when idle."""
+    """The SuperNode loop's sleeps: short while a round is under way, longer when idle.
 
-    def __init__(self, slowest: float, fastest: float = 0.1, growth: float = 1.25) -> None:
+    After its reply a node polls 0.1 s later, then less and less often. A node that
+    trained a small partition and replied early would poll fast for nothing: the
+    next message comes when the last hospital has replied and the server has
+    evaluated. So the pacer remembers how long the last ``HOLD_HISTORY`` waits from
+    its reply to the next message were, and when they agree (a node sampled every
+    round, with its own steady share of the work), it sleeps through
+    ``HOLD_SHARE`` of the shortest before polling fast again. The node that replies
+    last waits only for the evaluation, so its hold is short too.
+    """
+
+    def __init__(
+        self,
+        slowest: float,
+        fastest: float = 0.1,
+        growth: float = 1.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.slowest = max(slowest, fastest)
         self.fastest = fastest
         self.growth = growth
         self.idle = fastest
+        self.clock = clock
+        self.replied_at: float | None = None
+        self.gaps: deque[float] = deque(maxlen=HOLD_HISTORY)
 
     def message_handled(self) -> None:
+        now = self.clock()
+        if self.replied_at is not None:
+            self.gaps.append(now - self.replied_at)
+        self.replied_at = None
         self.idle = self.fastest
+
+    def reply_sent(self) -> None:
+        self.replied_at = self.clock()
+        self.idle = self.fastest
+
+    def hold(self) -> float:
+        """Seconds from now during which no message is expected (0: none known)."""
+        if self.replied_at is None or len(self.gaps) < HOLD_HISTORY:
+            return 0.0
+        shortest = min(self.gaps)
+        if max(self.gaps) > 3 * shortest:  # irregular (sampled in some rounds only)
+            return 0.0
+        return min(HOLD_CAP, HOLD_SHARE * shortest - (self.clock() - self.replied_at))
 
     def wait(self, seconds: float) -> float:
         """How long to sleep where Flower would sleep ``seconds``."""
         if seconds < IDLE_POLL:  # a local check (reply ready, object stored): cheap
             return min(seconds, LOCAL_CHECK)
+        hold = self.hold()
+        if hold > self.idle:
+            return hold  # then polls from ``fastest`` again: idle is unchanged
         wait, self.idle = self.idle, min(self.slowest, self.idle * self.growth)
         return wait
 
     def install(self) -> None:
-        """Make Flower's SuperNode loop sleep as this pacer says."""
+        """Make Flower's SuperNode loop sleep as this pacer says, and tell it when a
+        reply has been sent."""
         from flwr.supernode import start_client_internal as loop
 
         def sleep(seconds: float) -> None:
@@ -68,6 +113,14 @@ class Pacer:
         names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
         names["sleep"] = sleep
         loop.time = types.SimpleNamespace(**names)  # type: ignore[attr-defined,assignment]
+
+        push_messages = loop._push_messages
+
+        def push_then_note(*args: Any, **kwargs: Any) -> None:
+            push_messages(*args, **kwargs)
+            self.reply_sent()
+
+        loop._push_messages = push_then_note
 
 
 def _on_messages(*callbacks: Callable[[], None]) -> None:
