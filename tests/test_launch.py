@@ -157,6 +157,8 @@ def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     for i in range(3):
         log = (out / "logs" / f"client_{i}.log").read_text()
         assert "waiting for ClientApp tasks" in log
+        # with a timestamp, when each round's message reached it and its reply was ready
+        assert log.count("train message received") == log.count("train reply ready") == 2
         # stopped on SIGTERM through Flower's exit handlers, its log flushed before
         # the node skips the interpreter's teardown
         assert log.rstrip().endswith(f"Finished server process [{pids[f'client_{i}']}]"), log

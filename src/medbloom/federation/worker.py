@@ -68,8 +68,13 @@ def run_task(address: str, token: str, root_certificates: str | None = None) -> 
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, _run, _fab = pull_task_input(client)
+        started = time.monotonic()
+        log.info("%s message received", message.metadata.message_type)
         reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+        log.info(
+            "%s reply ready after %.2f s", message.metadata.message_type, time.monotonic() - started
+        )
     except Exception as ex:  # the error travels to the server as the reply
         log.exception("ClientApp raised an exception")
         details = f"{type(ex)}:<'{ex}'>"
