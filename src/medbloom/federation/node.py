@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         default=1.0,
         help="longest wait between polls of the SuperLink when idle, in seconds (polls "
-        "start 0.1 s after each message and slow down to this)",
+        "start 0.1 s after each reply and slow down to this; once a node knows how long "
+        "it waits for the next round, it sleeps through most of the wait)",
     )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
 
