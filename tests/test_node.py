@@ -98,6 +98,30 @@ def test_pull_backoff_is_shortened_in_flowers_own_functions() -> None:
         assert params["max_tries_per_object"].default == MAX_TRIES
 
 
+def test_pulls_give_up_after_the_bound_and_report_the_object() -> None:
+    """A reply whose parts never arrive (its hospital was killed while uploading) ends
+    the pull after the bound with Flower's ObjectPullError, which the ServerApp's grid
+    turns into that hospital's error reply; without a bound it waits hours."""
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    from medbloom.federation.pulls import bound_pull_time, shorten_pull_backoff
+
+    def never_there(object_id: str) -> bytes:
+        raise iu.ObjectUnavailableError(object_id)
+
+    shorten_pull_backoff()
+    bound_pull_time(0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(iu.ObjectPullError):
+            iu.pull_objects(["abc"], never_there)
+        assert time.monotonic() - started < 3.0
+    finally:
+        bound_pull_time(7200)  # Flower's own default, for the other tests in this process
+
+
 def test_set_defaults_names_a_missing_parameter() -> None:
     def f(a: int, *, b: int = 1, c: int = 2) -> int:
         return a + b + c

@@ -60,3 +60,18 @@ def shorten_pull_backoff() -> None:
     }
     _set_defaults(iu.pull_objects, **waits)
     _set_defaults(iu.pull_and_inflate_object_from_tree, **waits)
+
+
+def bound_pull_time(seconds: float) -> None:
+    """Give up pulling a message's parts after ``seconds`` (Flower's default: 2 hours).
+
+    A hospital killed while it uploads its reply leaves the reply registered at the
+    SuperLink and its parts missing; the ServerApp, pulling them, would wait until
+    the SuperLink drops the upload (about 3 minutes) however short ``--round-timeout``
+    is. Flower then turns the reply into an error, which the round records as that
+    hospital's failure.
+    """
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    _set_defaults(iu.pull_objects, max_time=seconds)
+    _set_defaults(iu.pull_and_inflate_object_from_tree, max_time=seconds)

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
-from medbloom.federation.pulls import shorten_pull_backoff
+from medbloom.federation.pulls import bound_pull_time, shorten_pull_backoff
 from medbloom.federation.strategies import build_strategy
 from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, per_class_report
@@ -126,6 +126,12 @@ def exchange(
     wait = poll
     while pending:
         got = list(grid.pull_messages(pending))
+        for m in got:
+            # An error Flower makes up for a reply it could not pull names the ServerApp
+            # as its sender: name the hospital, so its failure is recorded against it.
+            node = node_of.get(m.metadata.reply_to_message_id)
+            if node is not None and m.has_error() and m.metadata.src_node_id != node:
+                m.metadata.__dict__["_src_node_id"] = node
         replies.extend(got)
         wait = poll if got else min(slowest_poll, wait * 1.25)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -586,6 +592,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         shorten_pull_backoff()
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
+        bound_pull_time(run_cfg.round_timeout)
         path, resuming = run_dir, resume
         if path is None and run_cfg.out and (Path(run_cfg.out) / "config.json").exists():
             path = Path(run_cfg.out)
