@@ -88,10 +88,10 @@ def plain_loop(rounds: int, threads: int, data_dir: str, processes: int = 0) -> 
     rows = [{"round": 0, **evaluate(), "t": time.monotonic(), "train": 0.0}]
     for r in range(1, rounds + 1):
         t_round = time.monotonic()
+        shared = {k: v.numpy() for k, v in arrays.items()}
         if pool is None:
-            results = [_train_client((pid, r, arrays)) for pid in range(cfg.num_clients)]
+            results = [_train_client((pid, r, shared)) for pid in range(cfg.num_clients)]
         else:
-            shared = {k: v.numpy() for k, v in arrays.items()}
             jobs = [(pid, r, shared) for pid in order]
             results = sorted(pool.imap_unordered(_train_client, jobs), key=lambda res: res[0])
         updates = [
@@ -122,20 +122,23 @@ def _pool_init(cfg: Any, threads: int = 1) -> None:
 
     torch.set_num_threads(threads)
     spec = client_data(cfg, 0, cfg.num_clients).spec
-    _WORKER.update(cfg=cfg, model=build_model(cfg.model, spec), client_data=client_data)
+    _WORKER.update(cfg=cfg, model=build_model(cfg.model, spec))
 
 
 def _train_client(job: tuple[int, int, Any]) -> tuple[int, Any, int, float]:
     """One client's local training and local validation, as medbloom's ClientApp does;
     returns (client, weights, samples, seconds)."""
+    import torch
+
+    from medbloom.experiment import client_data
     from medbloom.metrics import medmnist_acc
     from medbloom.training import client_seed, load_arrays, predict, state_arrays, train_local
 
     pid, r, arrays = job
     t_c = time.monotonic()
     cfg, local = _WORKER["cfg"], _WORKER["model"]
-    data = _WORKER["client_data"](cfg, pid, cfg.num_clients)
-    load_arrays(local, {k: _as_tensor(v) for k, v in arrays.items()})
+    data = client_data(cfg, pid, cfg.num_clients)
+    load_arrays(local, {k: torch.from_numpy(v) for k, v in arrays.items()})
     res = train_local(
         local,
         data.train.x,
@@ -155,12 +158,6 @@ def _train_client(job: tuple[int, int, Any]) -> tuple[int, Any, int, float]:
     # state_arrays shares storage with the model on the CPU: copy before the next client.
     update = {k: v.clone().numpy() for k, v in state_arrays(local).items()}
     return pid, update, res.num_examples, time.monotonic() - t_c
-
-
-def _as_tensor(v: Any) -> Any:
-    import torch
-
-    return v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
 
 
 def _weighted_sum(terms: list[tuple[Any, float]]) -> Any:

@@ -27,6 +27,7 @@ from medbloom.errors import ConfigError, MedbloomError
 from medbloom.federation.strategies import build_strategy
 from medbloom.models import build_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
+from medbloom.system import longest_first
 from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
 
 
@@ -88,8 +89,7 @@ def largest_first(cfg: ExperimentConfig) -> list[int]:
     wait. Which client trains where changes no result: local training is seeded per
     (round, client) and replies are aggregated in client order.
     """
-    parts = partitions_for(cfg)
-    return sorted(range(len(parts)), key=lambda i: (-len(parts[i].train), i))
+    return longest_first([float(len(p.train)) for p in partitions_for(cfg)])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def longest_first(loads: list[float]) -> list[int]:
+    """Job numbers, the largest load first (ties: the lower number): the order in
+    which a queue of jobs on several workers finishes soonest, as a rule of thumb."""
+    return sorted(range(len(loads)), key=lambda j: (-loads[j], j))
+
+
 def pack_onto_cpus(loads: list[float], cpus: list[int]) -> list[int]:
     """A CPU for each job, so the CPUs' summed loads come out as even as possible.
 
@@ -28,7 +34,7 @@ def pack_onto_cpus(loads: list[float], cpus: list[int]) -> list[int]:
         raise ValueError("no CPUs to pack onto")
     total = {cpu: 0.0 for cpu in cpus}
     out = [cpus[0]] * len(loads)
-    for job in sorted(range(len(loads)), key=lambda j: (-loads[j], j)):
+    for job in longest_first(loads):
         cpu = min(cpus, key=lambda c: (total[c], c))
         out[job] = cpu
         total[cpu] += loads[job]
