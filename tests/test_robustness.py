@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medbloom.config import ExperimentConfig
@@ -58,6 +58,12 @@ def _without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def _spoiling_client(cfg: ExperimentConfig, spoil: dict[int, str]) -> ClientApp:
     """medbloom's ClientApp, except that the partitions in ``spoil`` misbehave."""
     app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        # like medbloom's ClientApp: the server asks each node which client it is
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -112,13 +118,19 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
 
 
 def test_too_few_live_clients_fails_the_run_clearly(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, "run", num_clients=3, min_clients=3, round_timeout=10)
+    # A timeout far above a round's length: round 1 must not run into it, even on a
+    # slow machine where Ray's start and the first training take 10 s or more.
+    cfg = _config(tmp_path, "run", num_clients=3, min_clients=3, round_timeout=120)
     run_dir = prepare_run(cfg)
     with pytest.raises(RuntimeError, match="--min-clients"):
         run_simulation(cfg, run_dir, client_app=_spoiling_client(cfg, {0: "raise"}))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "--min-clients 3" in summary["error"]
+    assert "only 2 clients left" in summary["error"]
     assert summary["rounds_completed"] == 1
+    # a simulated client cannot come back: the run fails at once, not after the timeout
+    finished = (run_dir / "summary.json").stat().st_mtime
+    assert finished - (run_dir / "metrics.csv").stat().st_mtime < 30
 
 
 @pytest.mark.parametrize("strategy", ["fedadam"])  # server optimizer moments to restore

@@ -15,6 +15,7 @@ import random
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
@@ -146,6 +147,13 @@ def exchange(
     return replies, sorted(node_of[m] for m in pending)
 
 
+def _is_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is the Simulation Engine's, held in this process."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def _reply_polls(grid: Grid) -> tuple[float, float]:
     """First and slowest wait between polls for replies (see :func:`exchange`).
 
@@ -153,9 +161,7 @@ def _reply_polls(grid: Grid) -> tuple[float, float]:
     poll costs next to nothing and the round's last reply is seen within 20 ms; a
     SuperLink serves each poll as a request, on the cores the hospitals train on.
     """
-    from flwr.superlink.grid import InMemoryGrid
-
-    return (0.01, 0.02) if isinstance(grid, InMemoryGrid) else (0.05, 0.2)
+    return (0.01, 0.02) if _is_simulation(grid) else (0.05, 0.2)
 
 
 class LiveGrid:
@@ -293,6 +299,11 @@ class RoundOutcome:
     def failed(self) -> int:
         return len(self.rows) - len(self.usable)
 
+    def summary(self) -> str:
+        """How many replies ended how, e.g. ``2 timeout, 1 failed``."""
+        counts = Counter(row["status"] for row in self.rows)
+        return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no replies"
+
 
 def sort_replies(
     server_round: int,
@@ -384,6 +395,7 @@ def run_federation(
     status, error = "failed", None
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
+    simulated = _is_simulation(grid)
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
@@ -414,13 +426,15 @@ def run_federation(
         for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
-            wait_for_nodes(
-                live,
-                min_clients,
-                cfg.round_timeout,
-                stop,
-                f" (--min-clients {min_clients}; {len(live.suspects)} failed and were left out)",
-            )
+            left_out = f"--min-clients {min_clients}; {len(live.suspects)} failed and were left out"
+            if simulated and len(live.get_node_ids()) < min_clients:
+                # A simulation's clients are all there from the start and a failed one
+                # is not asked again: waiting for more could only run into the timeout.
+                raise RuntimeError(
+                    f"only {len(live.get_node_ids())} clients left of the {min_clients} "
+                    f"a round needs ({left_out})"
+                )
+            wait_for_nodes(live, min_clients, cfg.round_timeout, stop, f" ({left_out})")
             t0 = time.monotonic()
             live.identify(cfg.round_timeout, stop)
             # Flower samples nodes with the global `random` module, which other code in
@@ -441,7 +455,10 @@ def run_federation(
             live.suspects.update(outcome.failed_nodes)
             recorder.record_clients(outcome.rows)
             if not outcome.usable:
-                raise RuntimeError(f"round {server_round}: no client returned a usable update")
+                raise RuntimeError(
+                    f"round {server_round}: no client returned a usable update "
+                    f"({outcome.summary()}; --round-timeout {cfg.round_timeout:g} s)"
+                )
             new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
             if new_arrays is None:
                 raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
