@@ -194,6 +194,11 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
             time.sleep(1.0)  # the launcher looks at the run every 0.25 s
             for i in range(3):
                 assert len(os.sched_getaffinity(pids[f"client_{i}"])) == 1
+        # hospitals pinned to the same CPU take turns training, through locks in a
+        # directory of the launcher's own
+        args = Path(f"/proc/{pids['client_0']}/cmdline").read_text().split("\0")
+        turns = Path(args[args.index("--cpu-turns") + 1])
+        assert turns.is_dir()
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, pids["superlink"]) == min(19, own + 10)
         victims = [
@@ -219,6 +224,7 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
         "failed" in (out / "logs" / "server.log").read_text()
         or "timeout" in (out / "logs" / "server.log").read_text()
     )
+    assert not turns.exists()  # removed with the processes
     _assert_nothing_left(tmp_path)
 
 

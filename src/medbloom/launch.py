@@ -17,10 +17,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +114,8 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self.port = 0
+        # Hospitals pinned to the same CPU take turns training (system.CpuTurns).
+        self.cpu_turns = Path(tempfile.mkdtemp(prefix="medbloom-cpus-"))
 
     def __enter__(self) -> Deployment:
         return self
@@ -205,6 +209,8 @@ class Deployment:
                 *tls,
                 "--node-config",
                 node_config,
+                "--cpu-turns",
+                str(self.cpu_turns),
             ],
             f"client_{node}.log",
         )
@@ -267,6 +273,7 @@ class Deployment:
         self.stop(["superlink"])
         self.stop(list(self.procs))
         self._stop_orphaned_apps()
+        shutil.rmtree(self.cpu_turns, ignore_errors=True)
 
     def _stop_orphaned_apps(self) -> None:
         """Stop app processes our SuperLink started (flwr-serverapp, flower-superexec).

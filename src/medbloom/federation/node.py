@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
-from medbloom.system import exit_without_teardown
+from medbloom.system import CpuTurns, exit_without_teardown
 
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
@@ -157,6 +157,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "it waits for the next round, it sleeps through most of the wait)",
     )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
+    parser.add_argument(
+        "--cpu-turns",
+        metavar="DIR",
+        default=None,
+        help="for hospitals that share one machine (medbloom launch sets it): while this "
+        "process is pinned to a single CPU, it trains only when no other node using DIR "
+        "and pinned to that CPU does",
+    )
 
     args, rest = parser.parse_known_args(argv)
     if "--isolation" in rest:
@@ -172,7 +180,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     wake = threading.Event()
     threading.Thread(
         target=serve,
-        args=(runtime, None, WAKE_FALLBACK, wake),
+        args=(
+            runtime,
+            None,
+            WAKE_FALLBACK,
+            wake,
+            CpuTurns(args.cpu_turns) if args.cpu_turns else None,
+        ),
         daemon=True,
         name="clientapp",
     ).start()

@@ -18,6 +18,7 @@ it runs is the installed medbloom, the same code the FAB carries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import threading
 import time
@@ -42,6 +43,7 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 from medbloom.federation.client_app import app as client_app
+from medbloom.system import CpuTurns
 
 log = logging.getLogger("medbloom.worker")
 
@@ -59,8 +61,14 @@ def _client(address: str, root_certificates: str | None, token: str | None) -> R
     )
 
 
-def run_task(address: str, token: str, root_certificates: str | None = None) -> bool:
-    """Run one acquired ClientApp task in this process; True if the app succeeded."""
+def run_task(
+    address: str, token: str, root_certificates: str | None = None, turns: CpuTurns | None = None
+) -> bool:
+    """Run one acquired ClientApp task in this process; True if the app succeeded.
+
+    With ``turns`` the app runs in this process's turn on its CPU (see
+    :class:`medbloom.system.CpuTurns`); pulling and pushing the messages does not wait.
+    """
     client = _client(address, root_certificates, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
@@ -70,7 +78,10 @@ def run_task(address: str, token: str, root_certificates: str | None = None) -> 
         message, context, _run, _fab = pull_task_input(client)
         started = time.monotonic()
         log.info("%s message received", message.metadata.message_type)
-        reply = client_app(message=message, context=context)
+        with turns or contextlib.nullcontext():
+            if turns is not None and turns.waited > 0.05:
+                log.info("waited %.2f s for this CPU", turns.waited)
+            reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
         log.info(
             "%s reply ready after %.2f s", message.metadata.message_type, time.monotonic() - started
@@ -100,6 +111,7 @@ def serve(
     root_certificates: str | None = None,
     poll: float = 0.05,
     wake: threading.Event | None = None,
+    turns: CpuTurns | None = None,
 ) -> None:
     """Acquire and run ClientApp tasks from a SuperNode's Runtime API, forever.
 
@@ -120,7 +132,7 @@ def serve(
             time.sleep(0.5)
             continue
         if res.HasField("task") and res.token:
-            run_task(address, res.token, root_certificates)
+            run_task(address, res.token, root_certificates, turns)
         elif wake is not None:
             wake.wait(poll)
         else:
