@@ -36,20 +36,68 @@ def load_splits(dataset: str, size: int, data_dir: str) -> Splits:
     return load_dataset(dataset, size, data_dir or None)
 
 
+def _partition_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything a partition depends on, besides the data itself."""
+    return {
+        "dataset": cfg.dataset,
+        "size": cfg.size,
+        "data_dir": cfg.data_dir,
+        "partition": cfg.partition,
+        "num_clients": cfg.num_clients,
+        "alpha": cfg.alpha,
+        "classes_per_client": cfg.classes_per_client,
+        "min_partition_size": cfg.min_partition_size,
+        "local_val_fraction": cfg.local_val_fraction,
+        "seed": cfg.seed,
+    }
+
+
 def partitions_for(cfg: ExperimentConfig) -> list[part.ClientPartition]:
-    """The partition of the training set across clients (seeded, so the same everywhere)."""
-    return _partitions(
-        cfg.dataset,
-        cfg.size,
-        cfg.data_dir,
-        cfg.partition,
-        cfg.num_clients,
-        cfg.alpha,
-        cfg.classes_per_client,
-        cfg.min_partition_size,
-        cfg.local_val_fraction,
-        cfg.seed,
-    )
+    """The partition of the training set across clients (seeded, so the same everywhere).
+
+    Where this process can read the run's ``partitions.json`` (a simulation, or a
+    launch on one machine), the partition recorded there is used instead of computed:
+    Flower Datasets' partitioners import Hugging Face ``datasets`` and seaborn, about
+    4 CPU-s in every hospital process before its first round.
+    """
+    settings = _partition_settings(cfg)
+    if cfg.out:
+        recorded = _recorded_partitions(Path(cfg.out) / "partitions.json", settings)
+        if recorded is not None:
+            return recorded
+    return _partitions(*settings.values())
+
+
+def _recorded_partitions(path: Path, settings: dict[str, Any]) -> list[part.ClientPartition] | None:
+    """The partition in ``path`` if it was made with ``settings`` from the data as it is
+    now, else None (a client on another machine, or another run's file)."""
+    try:
+        pmap = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(pmap, dict) or pmap.get("settings") != settings:
+        return None  # another run's, or a run recorded before settings were
+    try:
+        parts = [
+            part.ClientPartition(
+                int(c["client_id"]),
+                np.asarray(c["train_indices"], dtype=np.int64),
+                np.asarray(c["val_indices"], dtype=np.int64),
+            )
+            for c in pmap["clients"]
+        ]
+        # the data must still be what was partitioned: same labels at the same places
+        splits = load_splits(settings["dataset"], settings["size"], settings["data_dir"])
+        labels, n_classes = splits.train.labels, splits.spec.num_classes
+        for p, c in zip(parts, pmap["clients"], strict=True):
+            idx = np.concatenate([p.train, p.val])
+            if len(idx) and (idx.min() < 0 or idx.max() >= len(labels)):
+                return None
+            if part.label_counts(labels[idx], n_classes) != c["label_counts"]:
+                return None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return parts
 
 
 @lru_cache(maxsize=2)
@@ -234,4 +282,6 @@ def prepare_run(
     parts = partitions_for(cfg)
     pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
     resolved = cfg.replace(out=str(out), **absolute_paths(cfg))
+    # what the clients of this run check before they use the recorded partition
+    pmap["settings"] = _partition_settings(resolved)
     return create_run_dir(out, {"config.json": run_info(resolved, argv), "partitions.json": pmap})
