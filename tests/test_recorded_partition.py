@@ -11,7 +11,7 @@ import numpy as np
 
 from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
-from medbloom.experiment import client_data, load_run_config, partitions_for, prepare_run
+from medbloom.experiment import load_run_config, partitions_for, prepare_run
 from synthetic import write_npz
 
 
@@ -27,7 +27,7 @@ def _run(tmp_path: Path, **knobs: object) -> Path:
 
 
 def _computed(cfg: ExperimentConfig) -> list[part.ClientPartition]:
-    from medbloom.experiment import _partitions, _partition_settings
+    from medbloom.experiment import _partition_settings, _partitions
 
     return _partitions(*_partition_settings(cfg).values())
 
