@@ -125,8 +125,11 @@ def exchange(
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     wait = poll
+    last_look = False
     while pending:
+        pulled_at = time.monotonic()
         got = list(grid.pull_messages(pending))
+        blocked = time.monotonic() - pulled_at > 1.0
         for m in got:
             # An error Flower makes up for a reply it could not pull names the ServerApp
             # as its sender: name the hospital, so its failure is recorded against it.
@@ -141,6 +144,12 @@ def exchange(
         if stop is not None and stop.is_set():
             raise RunInterrupted("stopped by the user")
         if time.monotonic() > deadline:
+            if blocked and not last_look:
+                # The pull itself waited (for the parts of a reply whose sender died
+                # mid-upload, up to the timeout): replies that came in meanwhile are
+                # there, not missing. One more look, without sleeping.
+                last_look = True
+                continue
             log.warning("%d replies still missing after %.0f s; going on", len(pending), timeout)
             break
         time.sleep(wait)
