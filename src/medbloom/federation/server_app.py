@@ -436,12 +436,11 @@ def run_federation(
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
             left_out = f"--min-clients {min_clients}; {len(live.suspects)} failed and were left out"
-            if simulated and len(live.get_node_ids()) < min_clients:
+            if simulated and (left := len(live.get_node_ids())) < min_clients:
                 # A simulation's clients are all there from the start and a failed one
                 # is not asked again: waiting for more could only run into the timeout.
                 raise RuntimeError(
-                    f"only {len(live.get_node_ids())} clients left of the {min_clients} "
-                    f"a round needs ({left_out})"
+                    f"only {left} clients left of the {min_clients} a round needs ({left_out})"
                 )
             wait_for_nodes(live, min_clients, cfg.round_timeout, stop, f" ({left_out})")
             t0 = time.monotonic()
