@@ -22,6 +22,7 @@ from synthetic import write_npz
 pytestmark = pytest.mark.slow
 
 FLOWER_PROCS = (
+    "medbloom.federation.superlink",
     "flower-superlink",
     "flower-superexec",
     "flwr-serverapp",
@@ -234,7 +235,7 @@ def test_a_server_killed_mid_run_resumes_from_its_last_round(tmp_path: Path) -> 
     try:
         _wait_for_round(out, 1, proc, 240)
         pid = json.loads((out / "flwr" / "pids.json").read_text())["superlink"]
-        assert "flower-superlink" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert "medbloom.federation.superlink" in Path(f"/proc/{pid}/cmdline").read_text()
         os.kill(pid, signal.SIGKILL)  # the server machine dies
         stdout, stderr = proc.communicate(timeout=120)
     finally:

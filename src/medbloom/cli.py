@@ -336,7 +336,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         table = f'[superlink.medbloom]\naddress = "{args.host}:{args.port}"\ninsecure = true\n'
     (home / "config.toml").write_text(table)
     cmd = [
-        "flower-superlink",
+        sys.executable,
+        "-m",
+        "medbloom.federation.superlink",
         *tls,
         "--host",
         args.host,

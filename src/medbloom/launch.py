@@ -1,11 +1,11 @@
 """Real deployment on one machine: a SuperLink and one process per hospital, over the network.
 
 ``medbloom launch`` starts Flower's Deployment Engine as separate OS processes on
-127.0.0.1 (a ``flower-superlink``, ``--num-clients`` hospital processes from
-:mod:`medbloom.federation.node`), submits the experiment with ``flwr run`` and
-follows its run directory. Every process it starts is stopped when the run ends,
-fails, or the user presses Ctrl-C; the exit code says how it ended (0 finished,
-1 failed, 130 interrupted).
+127.0.0.1 (Flower's SuperLink, from :mod:`medbloom.federation.superlink`, and
+``--num-clients`` hospital processes from :mod:`medbloom.federation.node`), submits
+the experiment with ``flwr run`` and follows its run directory. Every process it
+starts is stopped when the run ends, fails, or the user presses Ctrl-C; the exit
+code says how it ended (0 finished, 1 failed, 130 interrupted).
 
 Per-process logs go to ``RUN_DIR/logs``: ``superlink.log``, ``client_<i>.log``,
 ``flwr-run.log``, and the ServerApp's own ``server.log``.
@@ -153,7 +153,9 @@ class Deployment:
         proc = self._start(
             "superlink",
             [
-                "flower-superlink",
+                sys.executable,
+                "-m",
+                "medbloom.federation.superlink",
                 *tls,
                 "--host",
                 "127.0.0.1",
@@ -164,7 +166,7 @@ class Deployment:
             "superlink.log",
             nice=COORDINATOR_NICE,
         )
-        wait_for_port(self.port, proc, 60, "flower-superlink")
+        wait_for_port(self.port, proc, 60, "the SuperLink")
         address = f"127.0.0.1:{self.port}"
         if self.secure:
             table = connection_toml(CONNECTION, address, self.secure.ca_cert)

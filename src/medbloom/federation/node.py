@@ -19,7 +19,9 @@ idle, 0.5 s between checks for its ClientApp's reply. Here
 * the reply is checked every 0.05 s: that check reads the node's in-memory state,
   no request is sent;
 * the ClientApp thread asks for its task when the SuperNode has received a message
-  (it is woken), not by polling the Runtime API over HTTP.
+  (it is woken), not by polling the Runtime API over HTTP;
+* the Runtime API's tracing layer is skipped unless tracing is on
+  (:func:`medbloom.federation.superlink.install_on_supernode`).
 """
 
 from __future__ import annotations
@@ -170,10 +172,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "--isolation" in rest:
         parser.error("--isolation is set by medbloom node (process)")
     from medbloom.federation.pulls import shorten_pull_backoff
+    from medbloom.federation.superlink import install_on_supernode
     from medbloom.federation.worker import serve, setup_logging
 
     setup_logging()
     shorten_pull_backoff()
+    install_on_supernode()
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.
     runtime = f"127.0.0.1:{args.port}"
