@@ -29,7 +29,7 @@ def _run(tmp_path: Path, **knobs: object) -> Path:
 def _computed(cfg: ExperimentConfig) -> list[part.ClientPartition]:
     from medbloom.experiment import _partition_settings, _partitions
 
-    return _partitions(*_partition_settings(cfg).values())
+    return _partitions(**_partition_settings(cfg))
 
 
 def _same(a: list[part.ClientPartition], b: list[part.ClientPartition]) -> bool:

@@ -65,7 +65,7 @@ def partitions_for(cfg: ExperimentConfig) -> list[part.ClientPartition]:
         recorded = _recorded_partitions(Path(cfg.out) / "partitions.json", settings)
         if recorded is not None:
             return recorded
-    return _partitions(*settings.values())
+    return _partitions(**settings)
 
 
 def _recorded_partitions(path: Path, settings: dict[str, Any]) -> list[part.ClientPartition] | None:
@@ -105,7 +105,7 @@ def _partitions(
     dataset: str,
     size: int,
     data_dir: str,
-    method: str,
+    partition: str,
     num_clients: int,
     alpha: float,
     classes_per_client: int,
@@ -116,7 +116,7 @@ def _partitions(
     splits = load_splits(dataset, size, data_dir)
     return part.make_partitions(
         splits.train.labels,
-        method,
+        partition,
         num_clients,
         alpha=alpha,
         classes_per_client=classes_per_client,

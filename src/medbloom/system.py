@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -79,7 +80,6 @@ class CpuTurns:
 
     def __enter__(self) -> CpuTurns:
         import fcntl
-        import time
 
         self.waited = 0.0
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
