@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from pathlib import Path
 
 import pytest
 
-from medbloom.federation.node import HOLD_HISTORY, HOLD_SHARE, IDLE_POLL, LOCAL_CHECK, Pacer
+from medbloom.federation.node import (
+    HOLD_HISTORY,
+    HOLD_SHARE,
+    IDLE_POLL,
+    LOCAL_CHECK,
+    TURN_SHARE,
+    Pacer,
+)
 from medbloom.federation.pulls import BACKOFF_CAP, INITIAL_BACKOFF, MAX_TRIES, _set_defaults
+from medbloom.system import TURN_HISTORY, CpuTurns
 
 
 def test_pacer_polls_fast_after_a_message_and_slows_down_when_idle() -> None:
@@ -76,6 +85,49 @@ def test_pacer_does_not_hold_when_the_waits_disagree() -> None:
         _round(pacer, clock, gap)
     pacer.reply_sent()
     assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)
+
+
+def _turns_that_waited(tmp_path: Path, *waits: float) -> CpuTurns:
+    turns = CpuTurns(tmp_path / "locks")
+    turns.waits.extend(waits)
+    return turns
+
+
+def test_pacer_polls_seldom_for_a_node_that_waits_its_turn_anyway(tmp_path: Path) -> None:
+    """A hospital that waited for its shared CPU in each recent round would wait
+    again: hearing of its message up to half that wait later costs it nothing."""
+    assert TURN_HISTORY >= HOLD_HISTORY
+    turns = _turns_that_waited(tmp_path, 1.0, 0.8, 1.2)
+    pacer = Pacer(slowest=1.0, turns=turns)
+    assert pacer.patience() == pytest.approx(TURN_SHARE * 0.8)
+    waits = [pacer.wait(IDLE_POLL) for _ in range(20)]
+    assert waits[0] == pytest.approx(TURN_SHARE * 0.8)  # not 0.1
+    assert waits[-1] == pytest.approx(1.0)  # the usual slowest
+    # a long wait: never slower than --poll-interval
+    pacer = Pacer(slowest=1.0, turns=_turns_that_waited(tmp_path, 5.0, 6.0, 7.0))
+    assert pacer.wait(IDLE_POLL) == pytest.approx(1.0)
+    assert pacer.wait(0.5) == LOCAL_CHECK  # local checks stay fast
+
+
+def test_pacer_polls_fast_for_the_node_that_trains_first_on_its_cpu(tmp_path: Path) -> None:
+    for waits in [(2.0, 0.0, 2.0), (2.0, 2.0)]:  # trained first once / not known yet
+        pacer = Pacer(slowest=1.0, turns=_turns_that_waited(tmp_path, *waits))
+        assert pacer.patience() == 0.0
+        assert pacer.wait(IDLE_POLL) == pytest.approx(0.1)
+    turns = _turns_that_waited(tmp_path, 2.0, 2.0, 2.0)
+    turns.waits.append(0.0)  # it got its CPU at once in the last round
+    assert Pacer(slowest=1.0, turns=turns).wait(IDLE_POLL) == pytest.approx(0.1)
+
+
+def test_pacer_holds_first_then_polls_at_its_patience(tmp_path: Path) -> None:
+    clock = Clock()
+    pacer = Pacer(slowest=1.0, clock=clock, turns=_turns_that_waited(tmp_path, 1.0, 1.0, 1.0))
+    for _ in range(HOLD_HISTORY):
+        _round(pacer, clock, 8.0)
+    pacer.reply_sent()
+    assert pacer.wait(IDLE_POLL) == pytest.approx(HOLD_SHARE * 8.0)
+    clock.now += HOLD_SHARE * 8.0
+    assert pacer.wait(IDLE_POLL) == pytest.approx(TURN_SHARE * 1.0)
 
 
 def test_pacer_checks_local_state_often() -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -61,6 +62,9 @@ def pin_process(pid: int, cpus: set[int]) -> bool:
     return pinned
 
 
+TURN_HISTORY = 3  # turns whose waits a CpuTurns remembers
+
+
 class CpuTurns:
     """Processes pinned to the same single CPU take turns at their work.
 
@@ -77,25 +81,31 @@ class CpuTurns:
         self.lock_dir = Path(lock_dir)
         self._held: int | None = None
         self.waited = 0.0  # seconds the last turn waited for its CPU
+        self.waits: deque[float] = deque(maxlen=TURN_HISTORY)  # the last turns' waits
 
     def __enter__(self) -> CpuTurns:
+        self.waited = 0.0
+        self._held = self._lock()
+        self.waits.append(self.waited)
+        return self
+
+    def _lock(self) -> int | None:
+        """This process's CPU's lock, once it has it (None: no turns to take)."""
         import fcntl
 
-        self.waited = 0.0
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         if len(cpus) != 1:
-            return self
+            return None
         (cpu,) = cpus
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_dir / f"cpu{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
-            return self  # no place for locks: run unordered, as without turns
+            return None  # no place for locks: run unordered, as without turns
         start = time.monotonic()
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.waited = time.monotonic() - start
-        self._held = fd
-        return self
+        return fd
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
