@@ -5,10 +5,13 @@ median seconds per round (rounds 2..R: round 1 includes start-up in both) and th
 difference. Usage:
 
     .venv/bin/python benchmarks/bench_deployment.py [--quick] [--reps N] [--data-dir DIR]
+        [--keep DIR]
 
 With ``--reps N`` the two engines alternate N times; the table shows, for each engine,
 the median over repetitions of wall time, round 1 and median s/round, and the difference
-is the median of the N paired differences.
+is the median of the N paired differences. ``--keep DIR`` keeps the run directories
+(``DIR/run0``, ``DIR/launch0``, ...: metrics and every process's log) instead of deleting
+them.
 """
 
 from __future__ import annotations
@@ -56,12 +59,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 clients, 3 rounds")
     parser.add_argument("--reps", type=int, default=1, help="alternate the engines N times")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--keep", type=Path, help="keep the run directories under this folder")
     args = parser.parse_args()
     clients, rounds = (3, 3) if args.quick else (10, 6)
     walls: dict[str, list[float]] = {"run": [], "launch": []}
     firsts: dict[str, list[float]] = {"run": [], "launch": []}
     meds: dict[str, list[float]] = {"run": [], "launch": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
         for rep in range(args.reps):
             for mode in ("run", "launch"):
                 wall, rounds_s = run(
