@@ -14,9 +14,7 @@ Per-process logs go to ``RUN_DIR/logs``: ``superlink.log``, ``client_<i>.log``,
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -33,6 +31,7 @@ from typing import IO, Any
 
 from medbloom.certs import CertBundle, connection_toml, load_bundle, make_certs
 from medbloom.config import ExperimentConfig
+from medbloom.dashboard.rundir import read_clients
 from medbloom.errors import MedbloomError
 from medbloom.runs import atomic_write_text, read_metrics
 from medbloom.system import pack_onto_cpus, pin_process
@@ -329,18 +328,12 @@ def measured_loads(
     core took 0.8 s a round longer than three with as many samples on the other.
     """
     times: dict[int, list[float]] = {i: [] for i in range(num_clients)}
-    try:
-        with (run_dir / "clients.csv").open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError:
-        return None
+    rows, _ = read_clients(run_dir / "clients.csv")  # complete rows; numbers parsed
     for row in rows:
-        try:
-            rnd, client, seconds = int(row["round"]), int(row["client_id"]), float(row["seconds"])
-        except (KeyError, TypeError, ValueError):
-            continue  # a row being written, or a failed reply without a time
-        if row.get("status") == "ok" and rnd > after_round and client in times:
-            if math.isfinite(seconds) and seconds >= 0:
+        client, seconds = row["client_id"], row.get("seconds")
+        # seconds: None for a failed reply without a (finite) time
+        if row.get("status") == "ok" and row["round"] > after_round and client in times:
+            if seconds is not None and seconds >= 0:
                 times[client].append(seconds)
     if any(not t for t in times.values()):
         return None
