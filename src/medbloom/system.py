@@ -80,32 +80,35 @@ class CpuTurns:
     def __init__(self, lock_dir: str | Path) -> None:
         self.lock_dir = Path(lock_dir)
         self._held: int | None = None
-        self.waited = 0.0  # seconds the last turn waited for its CPU
         self.waits: deque[float] = deque(maxlen=TURN_HISTORY)  # the last turns' waits
 
+    @property
+    def waited(self) -> float:
+        """Seconds the last turn waited for its CPU."""
+        return self.waits[-1] if self.waits else 0.0
+
     def __enter__(self) -> CpuTurns:
-        self.waited = 0.0
-        self._held = self._lock()
-        self.waits.append(self.waited)
+        self._held, waited = self._lock()
+        self.waits.append(waited)
         return self
 
-    def _lock(self) -> int | None:
-        """This process's CPU's lock, once it has it (None: no turns to take)."""
+    def _lock(self) -> tuple[int | None, float]:
+        """This process's CPU's lock once it has it (None: no turns to take), and
+        the seconds it waited for it."""
         import fcntl
 
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         if len(cpus) != 1:
-            return None
+            return None, 0.0
         (cpu,) = cpus
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_dir / f"cpu{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
-            return None  # no place for locks: run unordered, as without turns
+            return None, 0.0  # no place for locks: run unordered, as without turns
         start = time.monotonic()
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self.waited = time.monotonic() - start
-        return fd
+        return fd, time.monotonic() - start
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

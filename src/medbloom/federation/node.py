@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
-from medbloom.system import CpuTurns, exit_without_teardown
+from medbloom.system import TURN_HISTORY, CpuTurns, exit_without_teardown
 
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
@@ -111,7 +111,7 @@ class Pacer:
         """Seconds a poll may come after the next message without delaying this
         node's training (0: it trains at once, or its waits are not known)."""
         waits = list(self.turns.waits) if self.turns is not None else []
-        if len(waits) < HOLD_HISTORY:
+        if len(waits) < TURN_HISTORY:
             return 0.0
         return min(self.slowest, TURN_SHARE * min(waits))
 
