@@ -115,7 +115,13 @@ def test_flwr_run_is_the_same_experiment(shared_data_root: Path, tmp_path: Path)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent))
     assert flwr, "flwr CLI not installed"
     out = tmp_path / "flwr-run"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    # as in an activated virtual environment: `flwr run` starts `flower-superlink` by name
+    bindir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")]),
+    }
     overrides = f"rounds=1 num-clients=4 data-dir='{shared_data_root}' out='{out}'"
     proc = subprocess.Popen(
         [flwr, "run", ".", "--federation-config", "num-supernodes=4", "-c", overrides, "--stream"],

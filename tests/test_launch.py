@@ -180,7 +180,7 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
         "--num-clients",
         "3",
         "--rounds",
-        "3",
+        "4",
         "--min-clients",
         "2",
         "--round-timeout",
@@ -188,13 +188,29 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
     )
     try:
         _wait_for_round(out, 1, proc, 240)
+        # killed once round 2's message has reached it (rounds can take well under a
+        # second here: waiting a fixed time could miss the run), so it dies in round 2
+        # or, at the latest, before it answers round 3's message
+        log = out / "logs" / "client_1.log"
+        deadline = time.monotonic() + 60
+        while log.read_text().count("train message received") < 2:
+            assert time.monotonic() < deadline, "round 2's message never reached hospital 1"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        victims = [
+            p for p, args in _processes_mentioning(str(tmp_path)) if "partition-id=1" in args
+        ]
+        assert victims, "hospital 1's process not found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
         pids = json.loads((out / "flwr" / "pids.json").read_text())
         # on one machine, hospitals are pinned to CPUs (packed by data size) once each
         # has trained once, and the SuperLink runs at a lower priority than they do
         if len(os.sched_getaffinity(0)) > 1:
-            time.sleep(1.0)  # the launcher looks at the run every 0.25 s
-            for i in range(3):
-                assert len(os.sched_getaffinity(pids[f"client_{i}"])) == 1
+            deadline = time.monotonic() + 5  # the launcher looks at the run every 0.25 s
+            while any(len(os.sched_getaffinity(pids[f"client_{i}"])) > 1 for i in (0, 2)):
+                assert time.monotonic() < deadline, "hospitals 0 and 2 were not pinned"
+                time.sleep(0.1)
         # hospitals pinned to the same CPU take turns training, through locks in a
         # directory of the launcher's own
         args = Path(f"/proc/{pids['client_0']}/cmdline").read_text().split("\0")
@@ -202,18 +218,12 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
         assert turns.is_dir()
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, pids["superlink"]) == min(19, own + 10)
-        victims = [
-            p for p, args in _processes_mentioning(str(tmp_path)) if "partition-id=1" in args
-        ]
-        assert victims, "hospital 1's process not found"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         _stop(proc)
     assert proc.returncode == 0, stdout + stderr
     rows = _rows(out)
-    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
     assert sum(int(r["clients_failed"]) for r in rows[1:]) >= 1
     # bounded by --round-timeout (12 s), also when the hospital died while uploading
     # its reply: Flower would wait for the parts until the SuperLink drops them (~3 min)
