@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from medbloom.federation.node import (
+    BUSY_CHECK,
+    BUSY_POLL,
     HOLD_HISTORY,
     HOLD_SHARE,
     IDLE_POLL,
@@ -128,6 +132,124 @@ def test_pacer_holds_first_then_polls_at_its_patience(tmp_path: Path) -> None:
     assert pacer.wait(IDLE_POLL) == pytest.approx(HOLD_SHARE * 8.0)
     clock.now += HOLD_SHARE * 8.0
     assert pacer.wait(IDLE_POLL) == pytest.approx(TURN_SHARE * 1.0)
+
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+class Trainer:
+    """Another hospital's process holding its CPU's turn lock until ``release``."""
+
+    def __init__(self, lock_dir: Path, cpu: int = 0) -> None:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(lock_dir / f"cpu{cpu}.lock")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.communicate("go\n", timeout=30)
+
+
+def test_cpu_turns_see_another_process_train_without_taking_its_turn(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    turns = CpuTurns(locks)
+    assert not turns.others_training()  # no lock files yet
+    other = Trainer(locks, cpu=1)
+    try:
+        assert turns.others_training()
+        assert turns.others_training()  # looking did not take the lock from it
+    finally:
+        other.release()
+    assert not turns.others_training()  # it ended: its lock is free
+
+
+class Sleeps(Clock):
+    """A clock that sleeps advance; the trainer beside it ends at ``release_at``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: Trainer | None = None
+        self.release_at = float("inf")
+        self.slept: list[float] = []
+
+    def __call__(self, seconds: float | None = None) -> float:  # clock, or sleeper
+        if seconds is not None:
+            self.now += seconds
+            self.slept.append(seconds)
+            if self.trainer is not None and self.now >= self.release_at:
+                self.trainer.release()
+        return self.now
+
+    def beside(self, trainer: Trainer, ends_in: float) -> None:
+        self.trainer, self.release_at = trainer, self.now + ends_in
+
+
+def test_pacer_sleeps_while_another_hospital_trains_and_counts_from_its_end(
+    tmp_path: Path,
+) -> None:
+    """No message comes before the last hospital has replied: a node that replied
+    sleeps (no poll) while another trains, then counts its waits from that moment, so
+    its hold no longer depends on how early it replied."""
+    t = Sleeps()
+    pacer = Pacer(slowest=1.0, clock=t, turns=CpuTurns(tmp_path / "locks"), sleeper=t)
+    for ends_in in (0.5, 2.5, 1.5):  # this node replied early, then late: the gaps agree
+        t.beside(Trainer(tmp_path / "locks"), ends_in)
+        pacer.reply_sent()
+        replied, polls = t.now, len(t.slept)
+        pacer.sleep(IDLE_POLL)  # one of Flower's idle sleeps, then it polls
+        assert pacer.free_at == pytest.approx(replied + ends_in, abs=BUSY_CHECK + 0.05)
+        assert all(x == BUSY_CHECK for x in t.slept[polls:-1])  # no poll in between
+        t.now = pacer.free_at + 1.5  # the server evaluated; the next message came
+        pacer.message_handled()
+    assert list(pacer.gaps) == pytest.approx([1.5] * HOLD_HISTORY)
+    # the next round: it sleeps through the training, then HOLD_SHARE of 1.5 s
+    t.beside(Trainer(tmp_path / "locks"), 3.0)
+    pacer.reply_sent()
+    pacer.sleep(IDLE_POLL)
+    assert t.slept[-1] == pytest.approx(HOLD_SHARE * 1.5, abs=BUSY_CHECK + 0.05)
+
+
+def test_pacer_polls_now_and_then_while_a_hospital_hangs_with_its_cpu(tmp_path: Path) -> None:
+    """A hospital that hangs while training keeps its CPU's lock until the server
+    gives up on it: the others poll every BUSY_POLL seconds meanwhile, so they
+    hear of the next round."""
+    t = Sleeps()
+    pacer = Pacer(slowest=1.0, clock=t, turns=CpuTurns(tmp_path / "locks"), sleeper=t)
+    hung = Trainer(tmp_path / "locks")
+    try:
+        pacer.reply_sent()
+        start = t.now
+        pacer.sleep(IDLE_POLL)
+        assert t.now - start == pytest.approx(BUSY_POLL + 0.1, abs=BUSY_CHECK + 0.05)
+        assert pacer.free_at is None and pacer.hold() == 0.0
+    finally:
+        hung.release()
+
+
+def test_pacer_without_a_reply_or_turns_does_not_look_at_cpus(tmp_path: Path) -> None:
+    t = Sleeps()
+    other = Trainer(tmp_path / "locks")
+    try:
+        # before its first reply (waiting for the run): Flower's schedule, shortened
+        Pacer(slowest=1.0, clock=t, turns=CpuTurns(tmp_path / "locks"), sleeper=t).sleep(IDLE_POLL)
+        # a hospital on a machine of its own (no --cpu-turns)
+        alone = Pacer(slowest=1.0, clock=t, sleeper=t)
+        alone.reply_sent()
+        alone.sleep(IDLE_POLL)
+        assert t.slept == [pytest.approx(0.1), pytest.approx(0.1)]
+    finally:
+        other.release()
 
 
 def test_pacer_checks_local_state_often() -> None:

@@ -110,6 +110,42 @@ class CpuTurns:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd, time.monotonic() - start
 
+    def others_training(self) -> bool:
+        """Whether a process sharing ``lock_dir`` holds a CPU's lock now (it trains).
+
+        Each lock is tried without waiting and let go at once; a turn handed from one
+        process to the next (microseconds without a holder) is not taken for an end,
+        as a free look is confirmed by a second one 10 ms later.
+        """
+        if self._held is not None:
+            return True  # this process trains itself
+        if self._any_held():
+            return True
+        time.sleep(0.01)
+        return self._any_held()
+
+    def _any_held(self) -> bool:
+        import fcntl
+
+        try:
+            locks = sorted(self.lock_dir.glob("cpu*.lock"))
+        except OSError:
+            return False
+        for path in locks:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                continue
+            finally:
+                os.close(fd)  # releases the lock where this look took it
+        return False
+
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:

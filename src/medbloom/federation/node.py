@@ -14,7 +14,12 @@ idle, 0.5 s between checks for its ClientApp's reply. Here
   it is still polling fast when the next round's message comes; nodes that wait long
   poll seldom, and once their waits are known they sleep through most of them
   (:class:`Pacer`); a node that waits for its turn on a shared CPU every round polls
-  at most every half of that wait, as it hears of its message early enough. An HTTP
+  at most every half of that wait, as it hears of its message early enough. With
+  ``--cpu-turns`` (one machine, ``medbloom launch``) a node that has replied does not
+  poll while another hospital holds a CPU's turn lock, as no message can come before
+  the last hospital has replied (it looks every 0.25 s, and polls every 3 s all the
+  same in case a hospital hangs with its CPU), and it counts its waits from the
+  moment none trains, which does not depend on how early it replied. An HTTP
   poll costs the SuperLink a request with a signature check and database queries;
   with ten hospitals on two cores, fixed 0.25 s polls took about a third of the
   machine from training.
@@ -47,6 +52,8 @@ HOLD_SHARE = 0.85  # of the shortest recent wait from a reply to the next messag
 HOLD_HISTORY = 3  # waits remembered; a hold needs this many that agree within 3x
 HOLD_CAP = 30.0  # seconds: the longest hold
 TURN_SHARE = 0.5  # of the shortest recent wait for the CPU: how late a poll may come
+BUSY_POLL = 3.0  # seconds between polls while another hospital on this machine trains
+BUSY_CHECK = 0.25  # seconds between looks at the CPUs' turn locks meanwhile
 
 
 class Pacer:
@@ -68,6 +75,13 @@ class Pacer:
     ``slowest``); the node that trains first on a CPU waited for nobody and polls
     fast. Measured with ten hospitals on two cores: about 25 of a round's 100 polls
     came during the server's evaluation, from nodes whose holds had ended.
+
+    With ``turns`` a node that has replied also sleeps while another hospital sharing
+    the turn locks trains (:meth:`sleep`), and counts its waits from the moment none
+    did. Counted from its own reply, the wait of the hospital that trains longest
+    changed with the packing of the CPUs each round (6-9 s when another CPU ended the
+    round, 3 s when its own did), so its hold overshot and it heard of its message up
+    to 3 s late, its CPU idle meanwhile.
     """
 
     def __init__(
@@ -77,6 +91,7 @@ class Pacer:
         growth: float = 1.25,
         clock: Callable[[], float] = time.monotonic,
         turns: CpuTurns | None = None,
+        sleeper: Callable[[float], None] = time.sleep,
     ) -> None:
         self.slowest = max(slowest, fastest)
         self.fastest = fastest
@@ -84,28 +99,38 @@ class Pacer:
         self.idle = fastest
         self.clock = clock
         self.replied_at: float | None = None
+        self.free_at: float | None = None  # when, since the reply, no hospital trained
         self.gaps: deque[float] = deque(maxlen=HOLD_HISTORY)
         self.turns = turns
+        self.sleeper = sleeper
 
     def message_handled(self) -> None:
         now = self.clock()
-        if self.replied_at is not None:
-            self.gaps.append(now - self.replied_at)
-        self.replied_at = None
+        if self._since is not None:
+            self.gaps.append(now - self._since)
+        self.replied_at = self.free_at = None
         self.idle = self.fastest
 
     def reply_sent(self) -> None:
         self.replied_at = self.clock()
+        self.free_at = None
         self.idle = self.fastest
+
+    @property
+    def _since(self) -> float | None:
+        """What waits are counted from: the moment no hospital on this machine
+        trained any more where that was seen, else this node's reply."""
+        return self.free_at if self.free_at is not None else self.replied_at
 
     def hold(self) -> float:
         """Seconds from now during which no message is expected (0: none known)."""
-        if self.replied_at is None or len(self.gaps) < HOLD_HISTORY:
+        since = self._since
+        if since is None or len(self.gaps) < HOLD_HISTORY:
             return 0.0
         shortest = min(self.gaps)
         if max(self.gaps) > 3 * shortest:  # irregular (sampled in some rounds only)
             return 0.0
-        return min(HOLD_CAP, HOLD_SHARE * shortest - (self.clock() - self.replied_at))
+        return min(HOLD_CAP, HOLD_SHARE * shortest - (self.clock() - since))
 
     def patience(self) -> float:
         """Seconds a poll may come after the next message without delaying this
@@ -125,16 +150,37 @@ class Pacer:
         wait, self.idle = self.idle, min(self.slowest, self.idle * self.growth)
         return max(wait, self.patience())
 
+    def sleep(self, seconds: float) -> None:
+        """Sleep where Flower's loop would sleep ``seconds``: first, after a reply,
+        while other hospitals on this machine train (no message can come before the
+        last of them has replied), then as :meth:`wait` says."""
+        if seconds >= IDLE_POLL and self.turns is not None and self.replied_at is not None:
+            self._sleep_while_others_train()
+        self.sleeper(self.wait(seconds))
+
+    def _sleep_while_others_train(self) -> None:
+        """Sleep while another hospital sharing the CPU turns trains, up to
+        ``BUSY_POLL`` seconds (then the node polls: a hospital that hangs holding its
+        CPU must not keep the others from the next round); note when none trains."""
+        assert self.turns is not None
+        start = self.clock()
+        while self.turns.others_training():
+            self.free_at = None
+            if self.clock() - start >= BUSY_POLL:
+                return
+            # seldom: each look wakes this process on a CPU where another trains
+            # (with looks every 0.05 s, one benchmark repetition gave +5.5 s a round)
+            self.sleeper(BUSY_CHECK)
+        if self.free_at is None:
+            self.free_at = self.clock()
+
     def install(self) -> None:
         """Make Flower's SuperNode loop sleep as this pacer says, and tell it when a
         reply has been sent."""
         from flwr.supernode import start_client_internal as loop
 
-        def sleep(seconds: float) -> None:
-            time.sleep(self.wait(seconds))
-
         names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-        names["sleep"] = sleep
+        names["sleep"] = self.sleep
         loop.time = types.SimpleNamespace(**names)  # type: ignore[attr-defined,assignment]
 
         push_messages = loop._push_messages
@@ -186,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="for hospitals that share one machine (medbloom launch sets it): while this "
         "process is pinned to a single CPU, it trains only when no other node using DIR "
-        "and pinned to that CPU does",
+        "and pinned to that CPU does; after its reply it does not poll the SuperLink "
+        "(but every 3 s) while another node using DIR trains",
     )
 
     args, rest = parser.parse_known_args(argv)
