@@ -77,6 +77,8 @@ class CpuTurns:
     The lock is an ``flock``: it is released when its process dies.
     """
 
+    LOCK_FILE = "cpu{}.lock"  # in lock_dir, one per CPU: taken to train, looked at by the idle
+
     def __init__(self, lock_dir: str | Path) -> None:
         self.lock_dir = Path(lock_dir)
         self._held: int | None = None
@@ -103,7 +105,7 @@ class CpuTurns:
         (cpu,) = cpus
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_dir / f"cpu{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.lock_dir / self.LOCK_FILE.format(cpu), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return None, 0.0  # no place for locks: run unordered, as without turns
         start = time.monotonic()
@@ -128,7 +130,7 @@ class CpuTurns:
         import fcntl
 
         try:
-            locks = sorted(self.lock_dir.glob("cpu*.lock"))
+            locks = sorted(self.lock_dir.glob(self.LOCK_FILE.format("*")))
         except OSError:
             return False
         for path in locks:
