@@ -7,6 +7,11 @@ difference. Usage:
     .venv/bin/python benchmarks/bench_deployment.py [--quick] [--reps N] [--data-dir DIR]
         [--keep DIR]
 
+``--ablate a,b,c`` also launches, in every repetition, once with each of those
+one-machine heuristics switched off (``MEDBLOOM_ABLATE``; ``a+b`` switches both off in one
+launch), the order rotated from one repetition to the next, and prints each one's median
+ratio beside the full launch's.
+
 With ``--reps N`` the two engines alternate N times; the table shows, for each engine,
 the median over repetitions of wall time, round 1 and median s/round, and the difference
 is the median of the N paired differences. ``--keep DIR`` keeps the run directories
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +36,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "datasets"
 
 
 def run(
-    mode: str, out: Path, data_dir: Path, clients: int, rounds: int
+    mode: str, out: Path, data_dir: Path, clients: int, rounds: int, ablate: str = ""
 ) -> tuple[float, list[float]]:
     exe = Path(sys.executable).with_name("medbloom")
     cmd = [
@@ -46,7 +52,8 @@ def run(
         str(out),
     ]
     t0 = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "MEDBLOOM_ABLATE": ablate}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wall = time.monotonic() - t0
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -60,8 +67,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="alternate the engines N times")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder")
+    parser.add_argument("--ablate", default="", help="heuristics to switch off one at a time")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 6; --quick 3)")
     args = parser.parse_args()
+    if args.ablate:
+        return ablation(args)
     clients, rounds = (3, 3) if args.quick else (10, 6)
+    rounds = args.rounds or rounds
     walls: dict[str, list[float]] = {"run": [], "launch": []}
     firsts: dict[str, list[float]] = {"run": [], "launch": []}
     meds: dict[str, list[float]] = {"run": [], "launch": []}
@@ -100,6 +112,43 @@ def main() -> None:
         + ", ".join(f"{d:+.2f}" for d in diffs)
         + ")"
     )
+
+
+def ablation(args: argparse.Namespace) -> None:
+    """Each heuristic's own share of the ratio: the full launch against launches with one
+    heuristic off, all beside the simulation in every repetition."""
+    clients, rounds = (3, 3) if args.quick else (10, 6)
+    rounds = args.rounds or rounds
+    names = [n for n in args.ablate.split(",") if n]
+    configs = ["", *names]
+    ratios: dict[str, list[float]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        for rep in range(args.reps):
+            _, sim = run("run", Path(tmp) / f"run{rep}", args.data_dir, clients, rounds)
+            sim_med = statistics.median(sim[1:])
+            shift = rep % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                out = Path(tmp) / f"launch{rep}-{config or 'all'}".replace("+", "_")
+                switches = config.replace("+", ",")  # a+b: both off at once
+                _, dep = run("launch", out, args.data_dir, clients, rounds, switches)
+                ratios[config].append(statistics.median(dep[1:]) / sim_med)
+                print(
+                    f"repetition {rep + 1}: {config or 'all on'}: ratio {ratios[config][-1]:.3f}"
+                    f" (simulation {sim_med:.2f} s/round)",
+                    flush=True,
+                )
+    med = statistics.median
+    full = med(ratios[""])
+    print(f"\nPneumoniaMNIST, {clients} clients, {rounds} rounds, {args.reps} repetitions")
+    print("| switched off | median ratio | spread | ratio - full launch's |")
+    print("|---|---|---|---|")
+    for config in configs:
+        r = ratios[config]
+        print(
+            f"| {config or '(none: all on)'} | {med(r):.3f} | {min(r):.3f}-{max(r):.3f} |"
+            f" {med(r) - full:+.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from medbloom.config import ExperimentConfig
 from medbloom.dashboard.rundir import read_clients
 from medbloom.errors import MedbloomError
 from medbloom.runs import atomic_write_text, read_metrics
-from medbloom.system import pack_onto_cpus, pin_process
+from medbloom.system import ablated, pack_onto_cpus, pin_process
 
 CONNECTION = "medbloom"
 # The SuperLink, and the ServerApp it starts, run at a lower CPU priority than the
@@ -139,7 +139,7 @@ class Deployment:
             start_new_session=True,  # Ctrl-C goes to medbloom launch, which stops them in order
         )
         self.procs[name] = proc
-        if nice and hasattr(os, "setpriority"):
+        if nice and hasattr(os, "setpriority") and not ablated("nice"):
             # before it starts anything: the processes it starts inherit the priority
             with contextlib.suppress(OSError):
                 own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -403,12 +403,14 @@ def launch(
                         default=None,
                     )
                     on_round({**row, "best": best})
-            if len(rows) > seen and len(rows) >= pin_at:
+            if len(rows) > seen and len(rows) >= pin_at and not ablated("pin"):
                 if pinned is None:
                     target = node_cpus(run_dir, cfg.num_clients)
                     pinned_after = int(rows[-1]["round"])
                 else:
                     loads = measured_loads(run_dir, cfg.num_clients, pinned_after)
+                    if ablated("repack"):
+                        loads = None
                     target = pinned if loads is None else node_cpus(run_dir, cfg.num_clients, loads)
                 dep.pin_nodes(target)  # each round: also a hospital process that rejoined
                 pinned = target

@@ -12,6 +12,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+ABLATE_VARIABLE = "MEDBLOOM_ABLATE"
+
+
+def ablated(name: str) -> bool:
+    """Whether the one-machine heuristic ``name`` is switched off for an ablation
+    (``MEDBLOOM_ABLATE=name,name``; benchmarks/bench_deployment.py --ablate)."""
+    return name in os.environ.get(ABLATE_VARIABLE, "").split(",")
+
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, as ``taskset`` or a container

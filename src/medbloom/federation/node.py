@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
-from medbloom.system import TURN_HISTORY, CpuTurns, exit_without_teardown
+from medbloom.system import TURN_HISTORY, CpuTurns, ablated, exit_without_teardown
 
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 IDLE_POLL = 3.0  # Flower's sleep between polls of the SuperLink when no message came
@@ -125,7 +125,7 @@ class Pacer:
     def hold(self) -> float:
         """Seconds from now during which no message is expected (0: none known)."""
         since = self._since
-        if since is None or len(self.gaps) < HOLD_HISTORY:
+        if since is None or len(self.gaps) < HOLD_HISTORY or ablated("hold"):
             return 0.0
         shortest = min(self.gaps)
         if max(self.gaps) > 3 * shortest:  # irregular (sampled in some rounds only)
@@ -136,7 +136,7 @@ class Pacer:
         """Seconds a poll may come after the next message without delaying this
         node's training (0: it trains at once, or its waits are not known)."""
         waits = list(self.turns.waits) if self.turns is not None else []
-        if len(waits) < TURN_HISTORY:
+        if len(waits) < TURN_HISTORY or ablated("patience"):
             return 0.0
         return min(self.slowest, TURN_SHARE * min(waits))
 
@@ -154,7 +154,8 @@ class Pacer:
         """Sleep where Flower's loop would sleep ``seconds``: first, after a reply,
         while other hospitals on this machine train (no message can come before the
         last of them has replied), then as :meth:`wait` says."""
-        if seconds >= IDLE_POLL and self.turns is not None and self.replied_at is not None:
+        busy = not ablated("busy")
+        if busy and seconds >= IDLE_POLL and self.turns is not None and self.replied_at is not None:
             self._sleep_while_others_train()
         self.sleeper(self.wait(seconds))
 
@@ -244,22 +245,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     from medbloom.federation.worker import serve, setup_logging
 
     setup_logging()
-    shorten_pull_backoff()
-    install_on_supernode()
+    if not ablated("pulls"):
+        shorten_pull_backoff()
+    if not ablated("gates"):
+        install_on_supernode()
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.
     runtime = f"127.0.0.1:{args.port}"
     wake = threading.Event()
-    turns = CpuTurns(args.cpu_turns) if args.cpu_turns else None
+    turns = CpuTurns(args.cpu_turns) if args.cpu_turns and not ablated("turns") else None
+    woken = not ablated("wake")
     threading.Thread(
         target=serve,
-        args=(runtime, None, WAKE_FALLBACK, wake, turns),
+        args=(runtime, None, WAKE_FALLBACK if woken else 0.25, wake if woken else None, turns),
         daemon=True,
         name="clientapp",
     ).start()
     pacer = Pacer(args.poll_interval, turns=turns)
-    pacer.install()
-    _on_messages(wake.set, pacer.message_handled)
+    if not ablated("pacer"):
+        pacer.install()
+        _on_messages(wake.set, pacer.message_handled)
+    else:
+        _on_messages(wake.set)
 
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

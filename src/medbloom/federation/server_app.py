@@ -36,7 +36,7 @@ from medbloom.federation.strategies import build_strategy
 from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
-from medbloom.system import usable_cpus
+from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
     load_arrays,
     predict,
@@ -451,7 +451,7 @@ def run_federation(
     simulated = _is_simulation(grid)
     # The Simulation Engine's replies are read from this process's memory: a poll is
     # free there, and a round's end is seen within 20 ms without knowing when it is due.
-    reply_clock = None if simulated else ReplyClock()
+    reply_clock = None if simulated or ablated("replyclock") else ReplyClock()
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
@@ -662,7 +662,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        shorten_pull_backoff()
+        if not ablated("pulls"):
+            shorten_pull_backoff()
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
         bound_pull_time(run_cfg.round_timeout)
         path, resuming = run_dir, resume

@@ -156,7 +156,10 @@ def install_on_supernode() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``flower-superlink`` with the arguments given, its middleware gated."""
-    install()
+    from medbloom.system import ablated
+
+    if not ablated("gates"):
+        install()
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = ["flower-superlink", *(sys.argv[1:] if argv is None else argv)]
