@@ -22,14 +22,33 @@ def shared_data_root() -> Path:
     return SHARED_DATA
 
 
-def ray_processes() -> set[int]:
-    """PIDs of Ray's own processes on this machine (workers, raylet, GCS)."""
+TAG_VARIABLE = "MEDBLOOM_TEST_TAG"
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """This process's environment plus a tag that every process started from it inherits
+    (Ray's GCS, raylet and workers too), so a test can find its own among other tests'."""
+    return {**os.environ, TAG_VARIABLE: tag}
+
+
+def _carries(pid: int, tag: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # ended, or not ours to read
+        return False
+    return f"{TAG_VARIABLE}={tag}".encode() in environ
+
+
+def ray_processes(tag: str) -> set[int]:
+    """PIDs of Ray's own processes (workers, raylet, GCS) started under ``tagged_env(tag)``:
+    only this test's, also while other tests run their own Ray beside it."""
     out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     pids = set()
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
         if any(k in args for k in ("ray::", "raylet", "gcs_server", "default_worker.py")):
-            pids.add(int(pid))
+            if _carries(int(pid), tag):
+                pids.add(int(pid))
     return pids
 
 

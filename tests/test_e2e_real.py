@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, ray_processes
+from conftest import REPO, ray_processes, tagged_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -45,19 +45,30 @@ def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _medbloom(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+def _medbloom(
+    *args: str, timeout: float = 400, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("medbloom")
     return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
     )
 
 
 def test_medbloom_run_learns_and_writes_the_run_directory(
     shared_data_root: Path, tmp_path: Path
 ) -> None:
-    before = ray_processes()
+    tag = f"e2e-{tmp_path.name}"
     out = tmp_path / "run"
-    proc = _medbloom("run", "--data-dir", str(shared_data_root), "--rounds", "3", "--out", str(out))
+    proc = _medbloom(
+        "run",
+        "--data-dir",
+        str(shared_data_root),
+        "--rounds",
+        "3",
+        "--out",
+        str(out),
+        env=tagged_env(tag),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     # progress: one line per round, round r of R
@@ -105,7 +116,7 @@ def test_medbloom_run_learns_and_writes_the_run_directory(
 
     # no Ray process of this run is left behind
     deadline = time.monotonic() + 15
-    while (left := ray_processes() - before) and time.monotonic() < deadline:
+    while (left := ray_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left behind: {left}"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ray_processes
+from conftest import ray_processes, tagged_env
 from synthetic import write_npz
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def test_ctrl_c_stops_the_run_and_keeps_the_record(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_npz(root, "pneumoniamnist", counts={"train": 300, "val": 40, "test": 40}, seed=3)
     out = tmp_path / "run"
-    before = ray_processes()
+    tag = f"interrupt-{tmp_path.name}"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -43,6 +43,7 @@ def test_ctrl_c_stops_the_run_and_keeps_the_record(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=tagged_env(tag),
     )
     try:
         deadline = time.monotonic() + 180
@@ -69,6 +70,6 @@ def test_ctrl_c_stops_the_run_and_keeps_the_record(tmp_path: Path) -> None:
     assert rounds == list(range(len(rounds))) and 2 <= len(rounds) < 500
     assert (out / "checkpoints" / "latest.pt").exists()
     deadline = time.monotonic() + 15
-    while (left := ray_processes() - before) and time.monotonic() < deadline:
+    while (left := ray_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left behind: {left}"

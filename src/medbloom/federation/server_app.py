@@ -15,7 +15,7 @@ import random
 import re
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
@@ -101,41 +101,6 @@ class StopFlag(threading.Event):
         return super().is_set() or (self.path is not None and self.path.exists())
 
 
-FAR_POLL = 1.0  # seconds between polls for replies while the round's last one is not due
-DUE_SHARE = 0.8  # of the earliest recent last reply: from then on, polls are fast again
-DUE_HISTORY = 2  # rounds remembered; a due time needs this many
-
-
-class ReplyClock:
-    """When recent rounds' last replies came, so the ServerApp can poll a SuperLink
-    seldom until the end of a round is near.
-
-    A round ends with its last reply. A reply seen up to ``FAR_POLL`` after it came
-    costs nothing while others are still out, so until ``DUE_SHARE`` of the earliest
-    of the last ``DUE_HISTORY`` rounds' last replies the ServerApp polls once a second,
-    then fast again. Measured with ten hospitals on two cores: the fast schedule
-    alone polled about 67 times a round, each a request the SuperLink serves on the
-    cores the hospitals train on. Rounds are compared only with rounds that sent as
-    many messages; a round with a missing or failed reply is not remembered (its last
-    reply says nothing about when a round ends).
-    """
-
-    def __init__(self) -> None:
-        self.lasts: dict[int, deque[float]] = {}
-
-    def due(self, messages: int) -> float | None:
-        """Seconds after sending ``messages`` messages before which the last reply
-        is not expected (None: not known)."""
-        lasts = self.lasts.get(messages)
-        if lasts is None or len(lasts) < DUE_HISTORY:
-            return None
-        return DUE_SHARE * min(lasts)
-
-    def record(self, messages: int, seconds: float) -> None:
-        """The last of ``messages`` replies, all good, was seen ``seconds`` after sending."""
-        self.lasts.setdefault(messages, deque(maxlen=DUE_HISTORY)).append(seconds)
-
-
 def exchange(
     grid: Grid,
     messages: Iterable[Message],
@@ -143,7 +108,6 @@ def exchange(
     stop: threading.Event | None = None,
     poll: float = 0.05,
     slowest_poll: float = 0.2,
-    reply_clock: ReplyClock | None = None,
 ) -> tuple[list[Message], list[int]]:
     """Send messages and collect replies until all are in, ``timeout`` passes, or ``stop``.
 
@@ -152,13 +116,11 @@ def exchange(
     remote SuperLink, cannot be interrupted and does not say who is missing. Here the
     first poll comes after ``poll`` seconds, and the wait grows (x1.25) to
     ``slowest_poll`` while no reply comes: each poll of a SuperLink is a request it
-    must serve, while hospitals train on the same machine. With a ``reply_clock``
-    that knows when recent rounds ended, polls are ``FAR_POLL`` apart until then.
+    must serve, while hospitals train on the same machine.
     """
     messages = list(messages)
     ids = list(grid.push_messages(messages))
     sent = time.monotonic()
-    due = reply_clock.due(len(messages)) if reply_clock is not None else None
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False)}
     pending = set(ids)
     replies: list[Message] = []
@@ -179,8 +141,6 @@ def exchange(
         wait = poll if got else min(slowest_poll, wait * 1.25)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending:
-            if reply_clock is not None and not any(m.has_error() for m in replies):
-                reply_clock.record(len(messages), time.monotonic() - sent)
             break
         if stop is not None and stop.is_set():
             raise RunInterrupted("stopped by the user")
@@ -193,10 +153,7 @@ def exchange(
                 continue
             log.warning("%d replies still missing after %.0f s; going on", len(pending), timeout)
             break
-        nap = wait
-        if due is not None and (early := due - (time.monotonic() - sent)) > wait:
-            nap, wait = min(FAR_POLL, early), poll  # fast polls start at the due time
-        time.sleep(min(nap, max(0.0, deadline - time.monotonic()) + 0.01))
+        time.sleep(min(wait, max(0.0, deadline - time.monotonic()) + 0.01))
     return replies, sorted(node_of[m] for m in pending)
 
 
@@ -449,9 +406,6 @@ def run_federation(
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
     simulated = _is_simulation(grid)
-    # The Simulation Engine's replies are read from this process's memory: a poll is
-    # free there, and a round's end is seen within 20 ms without knowing when it is due.
-    reply_clock = None if simulated or ablated("replyclock") else ReplyClock()
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
@@ -504,7 +458,7 @@ def run_federation(
                 missing: list[int] = []
             else:
                 replies, missing = exchange(
-                    grid, messages, cfg.round_timeout, stop, *_reply_polls(grid), reply_clock
+                    grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
                 )
             outcome = sort_replies(server_round, replies, missing, reference, live.client_of)
             live.suspects.update(outcome.failed_nodes)
