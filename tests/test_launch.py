@@ -220,8 +220,6 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
         args = Path(f"/proc/{pids['client_0']}/cmdline").read_text().split("\0")
         turns = Path(args[args.index("--cpu-turns") + 1])
         assert turns.is_dir()
-        own = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, pids["superlink"]) == min(19, own + 10)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         _stop(proc)

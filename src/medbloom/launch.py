@@ -37,12 +37,6 @@ from medbloom.runs import atomic_write_text, read_metrics
 from medbloom.system import ablated, pack_onto_cpus, pin_process
 
 CONNECTION = "medbloom"
-# The SuperLink, and the ServerApp it starts, run at a lower CPU priority than the
-# hospitals: while hospitals train there is little for them to do but answer idle
-# hospitals' polls (a third of a core on two cores, FastAPI's cost per request), and
-# those can wait; when the last hospital replies, the others are idle and the
-# SuperLink and the server's evaluation get the cores. (Niceness added to launch's own.)
-COORDINATOR_NICE = 10
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -125,9 +119,7 @@ class Deployment:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
-    def _start(
-        self, name: str, cmd: list[str], log_name: str, nice: int = 0
-    ) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, cmd: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = (self.logs / log_name).open("ab")
         self._logs[name] = log
         proc = subprocess.Popen(
@@ -139,11 +131,6 @@ class Deployment:
             start_new_session=True,  # Ctrl-C goes to medbloom launch, which stops them in order
         )
         self.procs[name] = proc
-        if nice and hasattr(os, "setpriority") and not ablated("nice"):
-            # before it starts anything: the processes it starts inherit the priority
-            with contextlib.suppress(OSError):
-                own = os.getpriority(os.PRIO_PROCESS, 0)
-                os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, own + nice))
         # Which process is which, for the user (and tests) to stop or inspect one by PID.
         pids = {n: p.pid for n, p in self.procs.items()}
         atomic_write_text(self.flwr_home / "pids.json", json.dumps(pids, indent=1) + "\n")
@@ -166,7 +153,6 @@ class Deployment:
                 "--disable-runtime-dependency-installation",
             ],
             "superlink.log",
-            nice=COORDINATOR_NICE,
         )
         wait_for_port(self.port, proc, 60, "the SuperLink")
         address = f"127.0.0.1:{self.port}"
