@@ -26,7 +26,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from medbloom.federation.superlink import Gate, _on_control, _on_fleet, _tracing, gated
+from medbloom.federation.flower_internals import Gate, _on_control, _on_fleet, _tracing, gated
 from medbloom.launch import flower_env, free_port, wait_for_port
 
 

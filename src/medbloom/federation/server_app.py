@@ -31,12 +31,12 @@ from flwr.serverapp import Grid, ServerApp
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
 from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
-from medbloom.federation.pulls import bound_pull_time, shorten_pull_backoff
+from medbloom.federation import flower_internals
 from medbloom.federation.strategies import build_strategy
 from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
-from medbloom.system import ablated, usable_cpus
+from medbloom.system import usable_cpus
 from medbloom.training import (
     load_arrays,
     predict,
@@ -132,11 +132,9 @@ def exchange(
         got = list(grid.pull_messages(pending))
         blocked = time.monotonic() - pulled_at > 1.0
         for m in got:
-            # An error Flower makes up for a reply it could not pull names the ServerApp
-            # as its sender: name the hospital, so its failure is recorded against it.
             node = node_of.get(m.metadata.reply_to_message_id)
-            if node is not None and m.has_error() and m.metadata.src_node_id != node:
-                m.metadata.__dict__["_src_node_id"] = node
+            if node is not None:
+                flower_internals.attribute_error_reply(m, node)
         replies.extend(got)
         wait = poll if got else min(slowest_poll, wait * 1.25)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -157,13 +155,6 @@ def exchange(
     return replies, sorted(node_of[m] for m in pending)
 
 
-def _is_simulation(grid: Grid) -> bool:
-    """Whether ``grid`` is the Simulation Engine's, held in this process."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    return isinstance(grid, InMemoryGrid)
-
-
 def _reply_polls(grid: Grid) -> tuple[float, float]:
     """First and slowest wait between polls for replies (see :func:`exchange`).
 
@@ -171,7 +162,7 @@ def _reply_polls(grid: Grid) -> tuple[float, float]:
     poll costs next to nothing and the round's last reply is seen within 20 ms; a
     SuperLink serves each poll as a request, on the cores the hospitals train on.
     """
-    return (0.01, 0.02) if _is_simulation(grid) else (0.05, 0.2)
+    return (0.01, 0.02) if flower_internals.is_simulation_grid(grid) else (0.05, 0.2)
 
 
 class LiveGrid:
@@ -405,7 +396,7 @@ def run_federation(
     status, error = "failed", None
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
-    simulated = _is_simulation(grid)
+    simulated = flower_internals.is_simulation_grid(grid)
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
@@ -616,10 +607,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if not ablated("pulls"):
-            shorten_pull_backoff()
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
-        bound_pull_time(run_cfg.round_timeout)
+        flower_internals.bound_pull_time(run_cfg.round_timeout)
         path, resuming = run_dir, resume
         if path is None and run_cfg.out and (Path(run_cfg.out) / "config.json").exists():
             path = Path(run_cfg.out)

@@ -1,0 +1,78 @@
+"""medbloom's one module of Flower internals: what it relies on, and what it does on a
+Flower it was not written for."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+
+from medbloom.federation import flower_internals as fi
+
+
+def test_every_assumption_about_the_installed_flower_holds() -> None:
+    """Fails when the pinned Flower changes what a patch relies on: then read
+    medbloom/federation/flower_internals.py against the new Flower before moving
+    FLOWER_VERSION."""
+    failures = fi.assumption_failures()
+    assert not failures, "Flower changed under medbloom's patches:\n" + "\n".join(failures)
+
+
+def test_a_flower_it_was_not_written_for_is_not_patched(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flwr.superlink import main as superlink_main
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(fi, "INSTALLED_VERSION", "9.9.9")
+    monkeypatch.setattr(fi, "_warned", False)
+    middleware, pull = superlink_main._get_middleware, loop.pull_objects  # type: ignore[attr-defined]
+    assert not fi.gate_superlink_middleware()
+    assert not fi.on_message_stored(lambda: None)
+    assert not fi.bound_pull_time(1.0)
+    assert superlink_main._get_middleware is middleware
+    assert loop.pull_objects is pull  # type: ignore[attr-defined]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1  # one line, once per process
+    assert "Flower 9.9.9" in lines[0] and fi.FLOWER_VERSION in lines[0]
+
+
+def test_the_worker_is_told_when_a_message_was_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)  # restored afterwards
+    calls: list[str] = []
+    assert fi.on_message_stored(lambda: calls.append("woken"))
+    got = loop.pull_objects(["a"], lambda object_id: b"parts of " + object_id.encode())
+    assert got == {"a": b"parts of a"} and calls == ["woken"]
+
+
+def test_pulls_give_up_after_the_bound_and_report_the_object() -> None:
+    """A reply whose parts never arrive (its hospital was killed while uploading) ends
+    the pull after the bound with Flower's ObjectPullError, which the ServerApp's grid
+    turns into that hospital's error reply; without a bound it waits hours."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    def never_there(object_id: str) -> bytes:
+        raise iu.ObjectUnavailableError(object_id)
+
+    default = inspect.signature(iu.pull_objects).parameters["max_time"].default
+    assert fi.bound_pull_time(0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(iu.ObjectPullError):
+            iu.pull_objects(["abc"], never_there)
+        assert time.monotonic() - started < 3.0
+    finally:
+        fi.bound_pull_time(default)  # Flower's own, for the other tests in this process
+
+
+def test_set_defaults_names_a_missing_parameter() -> None:
+    def f(a: int, b: int = 1, *, c: int = 2) -> int:
+        return a + b + c
+
+    fi._set_defaults(f, b=3, c=5)
+    assert f(0) == 8
+    with pytest.raises(RuntimeError, match="nosuch"):
+        fi._set_defaults(f, nosuch=1)
