@@ -85,7 +85,6 @@ with CpuTurns(sys.argv[1]) as turn:
     start = time.monotonic()
     time.sleep(0.6)
     print(start, time.monotonic(), turn.waited, flush=True)
-assert list(turn.waits) == [turn.waited], turn.waits  # what a hospital's poller reads
 """
 
 

@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,6 @@ from typing import IO, Any
 
 from medbloom.certs import CertBundle, connection_toml, load_bundle, make_certs
 from medbloom.config import ExperimentConfig
-from medbloom.dashboard.rundir import read_clients
 from medbloom.errors import MedbloomError
 from medbloom.runs import atomic_write_text, read_metrics
 from medbloom.system import ablated, pack_onto_cpus, pin_process
@@ -285,45 +283,19 @@ class Deployment:
                     os.kill(int(proc_dir.name), signal.SIGTERM)
 
 
-def node_cpus(run_dir: Path, num_clients: int, loads: list[float] | None = None) -> list[int]:
+def node_cpus(run_dir: Path, num_clients: int) -> list[int]:
     """The CPU each hospital process trains on: the hospitals packed onto this
-    process's CPUs by ``loads`` (default: their training samples), largest first
-    (see :meth:`Deployment.pin_nodes`)."""
-    if loads is None:
-        try:
-            clients = json.loads((run_dir / "partitions.json").read_text())["clients"]
-            loads = [float(c["num_train"]) for c in clients][:num_clients]
-        except (OSError, ValueError, KeyError, TypeError):
-            loads = []
+    process's CPUs by their training samples, largest first (see
+    :meth:`Deployment.pin_nodes`)."""
+    try:
+        clients = json.loads((run_dir / "partitions.json").read_text())["clients"]
+        loads = [float(c["num_train"]) for c in clients][:num_clients]
+    except (OSError, ValueError, KeyError, TypeError):
+        loads = []
     if len(loads) != num_clients:
         loads = [1.0] * num_clients
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     return pack_onto_cpus(loads, cpus)
-
-
-def measured_loads(
-    run_dir: Path, num_clients: int, after_round: int, last: int = 3
-) -> list[float] | None:
-    """Each hospital's seconds of training a round, from ``clients.csv``: the median
-    of its last ``last`` successful rounds after ``after_round``; None until every
-    hospital has one.
-
-    Samples alone misjudge the small partitions: each message also costs a hospital
-    a fixed part (unpacking the model, the optimizer, packing the reply), about a
-    quarter of a second on the default experiment, so seven small hospitals on one
-    core took 0.8 s a round longer than three with as many samples on the other.
-    """
-    times: dict[int, list[float]] = {i: [] for i in range(num_clients)}
-    rows, _ = read_clients(run_dir / "clients.csv")  # complete rows; numbers parsed
-    for row in rows:
-        client, seconds = row["client_id"], row.get("seconds")
-        # seconds: None for a failed reply without a (finite) time
-        if row.get("status") == "ok" and row["round"] > after_round and client in times:
-            if seconds is not None and seconds >= 0:
-                times[client].append(seconds)
-    if any(not t for t in times.values()):
-        return None
-    return [statistics.median(t[-last:]) for t in times.values()]
 
 
 def node_config(cfg: ExperimentConfig, node: int) -> str:
@@ -365,11 +337,8 @@ def launch(
     seen = len(read_metrics(run_dir)) if resume else 0
     # pinned once the first training round is recorded (round 0 too, in a new run):
     # a node's first round imports, loads and builds, the same work for every node.
-    # Pinned by samples first, then after each round by the training times measured
-    # while pinned (measured_loads), while the server evaluates and the nodes wait.
     pin_at = seen + (1 if resume else 2)
-    pinned: list[int] | None = None
-    pinned_after = 0  # the last round recorded when the nodes were first pinned
+    cpus: list[int] | None = None
     started = time.time()
     with Deployment(run_dir, bundle) as dep:
         dep.start_superlink()
@@ -390,16 +359,8 @@ def launch(
                     )
                     on_round({**row, "best": best})
             if len(rows) > seen and len(rows) >= pin_at and not ablated("pin"):
-                if pinned is None:
-                    target = node_cpus(run_dir, cfg.num_clients)
-                    pinned_after = int(rows[-1]["round"])
-                else:
-                    loads = measured_loads(run_dir, cfg.num_clients, pinned_after)
-                    if ablated("repack"):
-                        loads = None
-                    target = pinned if loads is None else node_cpus(run_dir, cfg.num_clients, loads)
-                dep.pin_nodes(target)  # each round: also a hospital process that rejoined
-                pinned = target
+                cpus = cpus or node_cpus(run_dir, cfg.num_clients)
+                dep.pin_nodes(cpus)  # each round: also a hospital process that rejoined
             seen = len(rows)
             status = _status(run_dir, started)
             flwr_run = dep.procs.get("flwr-run")

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -16,8 +15,9 @@ ABLATE_VARIABLE = "MEDBLOOM_ABLATE"
 
 
 def ablated(name: str) -> bool:
-    """Whether the one-machine heuristic ``name`` is switched off for an ablation
-    (``MEDBLOOM_ABLATE=name,name``; benchmarks/bench_deployment.py --ablate)."""
+    """Whether the one-machine heuristic ``name`` (pin, turns, wake, gates) is switched
+    off for an ablation (``MEDBLOOM_ABLATE=name,name``; benchmarks/bench_deployment.py
+    --ablate)."""
     return name in os.environ.get(ABLATE_VARIABLE, "").split(",")
 
 
@@ -70,9 +70,6 @@ def pin_process(pid: int, cpus: set[int]) -> bool:
     return pinned
 
 
-TURN_HISTORY = 3  # turns whose waits a CpuTurns remembers
-
-
 class CpuTurns:
     """Processes pinned to the same single CPU take turns at their work.
 
@@ -85,21 +82,15 @@ class CpuTurns:
     The lock is an ``flock``: it is released when its process dies.
     """
 
-    LOCK_FILE = "cpu{}.lock"  # in lock_dir, one per CPU: taken to train, looked at by the idle
+    LOCK_FILE = "cpu{}.lock"  # in lock_dir, one per CPU
 
     def __init__(self, lock_dir: str | Path) -> None:
         self.lock_dir = Path(lock_dir)
         self._held: int | None = None
-        self.waits: deque[float] = deque(maxlen=TURN_HISTORY)  # the last turns' waits
-
-    @property
-    def waited(self) -> float:
-        """Seconds the last turn waited for its CPU."""
-        return self.waits[-1] if self.waits else 0.0
+        self.waited = 0.0  # seconds the last turn waited for its CPU
 
     def __enter__(self) -> CpuTurns:
-        self._held, waited = self._lock()
-        self.waits.append(waited)
+        self._held, self.waited = self._lock()
         return self
 
     def _lock(self) -> tuple[int | None, float]:
@@ -119,42 +110,6 @@ class CpuTurns:
         start = time.monotonic()
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd, time.monotonic() - start
-
-    def others_training(self) -> bool:
-        """Whether a process sharing ``lock_dir`` holds a CPU's lock now (it trains).
-
-        Each lock is tried without waiting and let go at once; a turn handed from one
-        process to the next (microseconds without a holder) is not taken for an end,
-        as a free look is confirmed by a second one 10 ms later.
-        """
-        if self._held is not None:
-            return True  # this process trains itself
-        if self._any_held():
-            return True
-        time.sleep(0.01)
-        return self._any_held()
-
-    def _any_held(self) -> bool:
-        import fcntl
-
-        try:
-            locks = sorted(self.lock_dir.glob(self.LOCK_FILE.format("*")))
-        except OSError:
-            return False
-        for path in locks:
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                continue
-            finally:
-                os.close(fd)  # releases the lock where this look took it
-        return False
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
