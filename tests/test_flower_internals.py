@@ -76,3 +76,31 @@ def test_set_defaults_names_a_missing_parameter() -> None:
     assert f(0) == 8
     with pytest.raises(RuntimeError, match="nosuch"):
         fi._set_defaults(f, nosuch=1)
+
+
+def test_the_supernode_loop_sleeps_as_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)  # restored afterwards
+    slept: list[float] = []
+    assert fi.supernode_sleeps(slept.append)
+    loop.time.sleep(fi.SUPERNODE_IDLE_SLEEP)
+    assert slept == [fi.SUPERNODE_IDLE_SLEEP]
+    assert loop.time.monotonic() > 0  # the rest of the time module is there
+
+
+def test_pull_backoff_is_shortened_in_flowers_own_functions() -> None:
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    fns = (iu.pull_objects, iu.pull_and_inflate_object_from_tree)
+    names = ("initial_backoff", "backoff_cap", "max_tries_per_object")
+    before = [fn.__kwdefaults__.copy() for fn in fns]  # type: ignore[union-attr]
+    assert fi.shorten_pull_backoff()
+    try:
+        for fn in fns:
+            params = inspect.signature(fn).parameters
+            got = tuple(params[name].default for name in names)
+            assert got == (fi.PULL_INITIAL_BACKOFF, fi.PULL_BACKOFF_CAP, fi.PULL_MAX_TRIES)
+    finally:
+        for fn, kw in zip(fns, before, strict=True):
+            fn.__kwdefaults__ = kw

@@ -15,9 +15,9 @@ ABLATE_VARIABLE = "MEDBLOOM_ABLATE"
 
 
 def ablated(name: str) -> bool:
-    """Whether the one-machine heuristic ``name`` (pin, turns, wake, gates) is switched
-    off for an ablation (``MEDBLOOM_ABLATE=name,name``; benchmarks/bench_deployment.py
-    --ablate)."""
+    """Whether the one-machine heuristic ``name`` (pin, turns, wake, polls, pulls,
+    gates) is switched off for an ablation (``MEDBLOOM_ABLATE=name,name``;
+    benchmarks/bench_deployment.py --ablate)."""
     return name in os.environ.get(ABLATE_VARIABLE, "").split(",")
 
 

@@ -9,11 +9,15 @@ and each depends on how Flower 1.41 is built inside:
   (:func:`task_acquirer`, :func:`run_clientapp_task`);
 * the worker is woken when the SuperNode has stored a message, instead of polling its
   Runtime API (:func:`on_message_stored`: wraps the SuperNode loop's ``pull_objects``);
+* the SuperNode polls sooner than every 3 s (:func:`supernode_sleeps`: the loop
+  module's ``time``);
 * the SuperLink's HTTP middleware layers act only on the routes they act on
   (:func:`gate_superlink_middleware`: replaces ``flwr.superlink.main._get_middleware``;
   :func:`gate_supernode_tracing`);
-* a pull of a reply's parts gives up after the round's timeout, not after Flower's two
-  hours (:func:`bound_pull_time`: the ``max_time`` default of Flower's pull functions);
+* a pull of a message part that is not there yet is retried after 0.05 s, not 1 s
+  (:func:`shorten_pull_backoff`), and a pull of a reply's parts gives up after the
+  round's timeout, not after Flower's two hours (:func:`bound_pull_time`; both set
+  defaults of Flower's pull functions);
 * an error Flower makes up for a reply it could not pull is attributed to the hospital
   (:func:`attribute_error_reply`: the message metadata's private source node);
 * whether a grid is the Simulation Engine's (:func:`is_simulation_grid`).
@@ -183,8 +187,8 @@ def run_clientapp_task(
 # --------------------------------------------------------------------------------------
 
 
-def on_message_stored(callback: Callable[[], None]) -> bool:
-    """Call ``callback`` whenever this process's SuperNode has stored an incoming message
+def on_message_stored(*callbacks: Callable[[], None]) -> bool:
+    """Call ``callbacks`` whenever this process's SuperNode has stored an incoming message
     and its parts (``pull_objects`` is the loop's last step of receiving one). False
     where not patched."""
     if not patching():
@@ -197,9 +201,31 @@ def on_message_stored(callback: Callable[[], None]) -> bool:
         try:
             return pull_objects(*args, **kwargs)
         finally:
-            callback()
+            for callback in callbacks:
+                callback()
 
     loop.pull_objects = pull_then_call  # type: ignore[attr-defined]
+    return True
+
+
+SUPERNODE_IDLE_SLEEP = 3.0  # Flower 1.41's sleep between polls when no message came
+SUPERNODE_REPLY_CHECK = 0.5  # its sleep between checks for the ClientApp's reply
+
+
+def supernode_sleeps(sleep: Callable[[float], None]) -> bool:
+    """Make this process's SuperNode loop call ``sleep(seconds)`` where it would call
+    ``time.sleep(seconds)``: :data:`SUPERNODE_IDLE_SLEEP` between polls of the SuperLink,
+    :data:`SUPERNODE_REPLY_CHECK` between checks of its own state. False where not
+    patched."""
+    if not patching():
+        return False
+    import time
+    import types
+
+    from flwr.supernode import start_client_internal as loop
+
+    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    loop.time = types.SimpleNamespace(**{**names, "sleep": sleep})  # type: ignore[attr-defined,assignment]
     return True
 
 
@@ -240,6 +266,36 @@ def bound_pull_time(seconds: float) -> bool:
 
     _set_defaults(iu.pull_objects, max_time=seconds)
     _set_defaults(iu.pull_and_inflate_object_from_tree, max_time=seconds)
+    return True
+
+
+PULL_INITIAL_BACKOFF = 0.05
+PULL_BACKOFF_CAP = 1.0
+PULL_MAX_TRIES = 10_000  # Flower's 500 tries at up to 10 s each, at up to 1 s each
+
+
+def shorten_pull_backoff() -> bool:
+    """Ask again for a message part that is not there yet after 0.05 s, doubling to at
+    most 1 s, instead of Flower's 1, 2, 4, 8, 10 s (more tries, so the longest wait for
+    one object stays what Flower allows).
+
+    In a round that is the common case: a receiver hears of a message as soon as it is
+    registered, before its parts have arrived (a SuperNode's ClientApp asks while the
+    SuperNode still pulls them; the ServerApp asks for a reply's parts while the
+    hospital still pushes them), and each such wait cost up to a second a round, on
+    the critical path. False where not patched.
+    """
+    if not patching():
+        return False
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    waits = {
+        "initial_backoff": PULL_INITIAL_BACKOFF,
+        "backoff_cap": PULL_BACKOFF_CAP,
+        "max_tries_per_object": PULL_MAX_TRIES,
+    }
+    _set_defaults(iu.pull_objects, **waits)
+    _set_defaults(iu.pull_and_inflate_object_from_tree, **waits)
     return True
 
 
@@ -438,14 +494,25 @@ def assumption_failures() -> list[str]:
         ),
     )
 
+    def loop_source() -> str:
+        return inspect.getsource(importlib.import_module("flwr.supernode.start_client_internal"))
+
     def pulls() -> Any:
         return importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
 
     check(
-        "Flower's pull functions take max_time",
+        "the SuperNode loop sleeps with its module's time.sleep, 3 s idle and 0.5 s for replies",
         lambda: (
-            "max_time" in params(pulls().pull_objects)
-            and "max_time" in params(pulls().pull_and_inflate_object_from_tree)
+            f"time.sleep({SUPERNODE_IDLE_SLEEP:g})" in loop_source()
+            and f"time.sleep({SUPERNODE_REPLY_CHECK:g})" in loop_source()
+        ),
+    )
+    pull_parameters = {"max_time", "initial_backoff", "backoff_cap", "max_tries_per_object"}
+    check(
+        f"Flower's pull functions take {sorted(pull_parameters)}",
+        lambda: (
+            pull_parameters <= params(pulls().pull_objects)
+            and pull_parameters <= params(pulls().pull_and_inflate_object_from_tree)
         ),
     )
     check(

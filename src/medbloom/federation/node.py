@@ -8,6 +8,15 @@ the SuperNode has received a message, instead of polling the Runtime API over HT
 and the Runtime API's tracing layer is skipped unless tracing is on (both in
 :mod:`medbloom.federation.flower_internals`).
 
+Flower's SuperNode sleeps 3 s after each poll of the SuperLink that found no message,
+and checks for its ClientApp's reply every 0.5 s. The hospital that trains longest
+ends every round and polls right after its reply: with 3 s sleeps it hears of the next
+round up to 3 s late, its CPU idle meanwhile. Here (:class:`PollSchedule`) the node
+polls 0.1 s after each message, then less and less often (x1.25) down to once every
+``--poll-interval`` seconds, and checks its own state every 0.05 s (no request). A
+message part not there yet is asked for again after 0.05 s, not Flower's 1 s
+(:func:`medbloom.federation.flower_internals.shorten_pull_backoff`).
+
 With ``--cpu-turns`` (hospitals sharing one machine, set by ``medbloom launch``) a
 hospital pinned to a single CPU trains only when no other hospital pinned to that
 CPU does (:class:`medbloom.system.CpuTurns`).
@@ -17,10 +26,45 @@ from __future__ import annotations
 
 import argparse
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
+from medbloom.federation import flower_internals
 from medbloom.system import CpuTurns, ablated, exit_without_teardown
+
+
+class PollSchedule:
+    """How long the SuperNode loop sleeps: ``fastest`` after a message came, growing by
+    ``growth`` a poll up to ``slowest`` while none comes; ``local`` at most between
+    checks of the node's own state."""
+
+    def __init__(
+        self,
+        slowest: float = 1.0,
+        fastest: float = 0.1,
+        growth: float = 1.25,
+        local: float = 0.05,
+        sleeper: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.slowest = max(slowest, fastest)
+        self.fastest = fastest
+        self.growth = growth
+        self.local = local
+        self.idle = fastest
+        self.sleeper = sleeper
+
+    def message_received(self) -> None:
+        self.idle = self.fastest
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep where Flower's loop would sleep ``seconds``."""
+        if seconds < flower_internals.SUPERNODE_IDLE_SLEEP:  # a check of its own state
+            self.sleeper(min(seconds, self.local))
+            return
+        wait, self.idle = self.idle, min(self.slowest, self.idle * self.growth)
+        self.sleeper(wait)
+
 
 WAKE_FALLBACK = 2.0  # seconds between the ClientApp thread's asks when nothing woke it
 UNWOKEN_POLL = 0.25  # seconds between its asks where it cannot be woken
@@ -33,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__.splitlines()[0],
         epilog="Other flags are flower-supernode's: --superlink, --insecure, "
         "--root-certificates, --auth-supernode-private-key, --node-config.",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="longest wait between polls of the SuperLink, in seconds (polls start 0.1 s "
+        "after each message and slow down to this while none comes)",
     )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
     parser.add_argument(
@@ -47,14 +98,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if "--isolation" in rest:
         parser.error("--isolation is set by medbloom node (process)")
-    from medbloom.federation import flower_internals
+    if args.poll_interval <= 0:
+        parser.error("--poll-interval must be > 0")
     from medbloom.federation.worker import serve, setup_logging
 
     setup_logging()
     if not ablated("gates"):
         flower_internals.gate_supernode_tracing()
+    if not ablated("pulls"):
+        flower_internals.shorten_pull_backoff()
     wake = threading.Event()
-    woken = not ablated("wake") and flower_internals.on_message_stored(wake.set)
+    on_message = [] if ablated("wake") else [wake.set]
+    if not ablated("polls"):
+        schedule = PollSchedule(args.poll_interval)
+        if flower_internals.supernode_sleeps(schedule.sleep):
+            on_message.append(schedule.message_received)
+    woken = flower_internals.on_message_stored(*on_message) and not ablated("wake")
     turns = CpuTurns(args.cpu_turns) if args.cpu_turns and not ablated("turns") else None
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.

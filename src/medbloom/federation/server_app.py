@@ -36,7 +36,7 @@ from medbloom.federation.strategies import build_strategy
 from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, per_class_report
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
-from medbloom.system import usable_cpus
+from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
     load_arrays,
     predict,
@@ -608,6 +608,8 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
+        if not ablated("pulls"):
+            flower_internals.shorten_pull_backoff()
         flower_internals.bound_pull_time(run_cfg.round_timeout)
         path, resuming = run_dir, resume
         if path is None and run_cfg.out and (Path(run_cfg.out) / "config.json").exists():
