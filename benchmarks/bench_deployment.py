@@ -10,7 +10,8 @@ difference. Usage:
 ``--ablate a,b,c`` also launches, in every repetition, once with each of those
 one-machine heuristics switched off (``MEDBLOOM_ABLATE``; ``a+b`` switches both off in one
 launch), the order rotated from one repetition to the next, and prints each one's median
-ratio beside the full launch's.
+ratio beside the full launch's, and the median of its differences to the full launch of
+the same repetition (paired).
 
 With ``--reps N`` the two engines alternate N times; the table shows, for each engine,
 the median over repetitions of wall time, round 1 and median s/round, and the difference
@@ -141,13 +142,17 @@ def ablation(args: argparse.Namespace) -> None:
     med = statistics.median
     full = med(ratios[""])
     print(f"\nPneumoniaMNIST, {clients} clients, {rounds} rounds, {args.reps} repetitions")
-    print("| switched off | median ratio | spread | ratio - full launch's |")
-    print("|---|---|---|---|")
+    print("| switched off | median ratio | spread | ratio - full launch's | paired |")
+    print("|---|---|---|---|---|")
     for config in configs:
         r = ratios[config]
+        # each repetition against the full launch of the same repetition (same machine
+        # state): the median of those differences is the steadier figure
+        paired = [a - b for a, b in zip(r, ratios[""], strict=True)]
         print(
             f"| {config or '(none: all on)'} | {med(r):.3f} | {min(r):.3f}-{max(r):.3f} |"
-            f" {med(r) - full:+.3f} |"
+            f" {med(r) - full:+.3f} | {med(paired):+.3f} "
+            f"({', '.join(f'{d:+.3f}' for d in paired)}) |"
         )
 
 

@@ -209,17 +209,12 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
             os.kill(pid, signal.SIGKILL)
         pids = json.loads((out / "flwr" / "pids.json").read_text())
         # on one machine, hospitals are pinned to CPUs (packed by data size) once each
-        # has trained once, and the SuperLink runs at a lower priority than they do
+        # has trained once
         if len(os.sched_getaffinity(0)) > 1:
             deadline = time.monotonic() + 5  # the launcher looks at the run every 0.25 s
             while any(len(os.sched_getaffinity(pids[f"client_{i}"])) > 1 for i in (0, 2)):
                 assert time.monotonic() < deadline, "hospitals 0 and 2 were not pinned"
                 time.sleep(0.1)
-        # hospitals pinned to the same CPU take turns training, through locks in a
-        # directory of the launcher's own
-        args = Path(f"/proc/{pids['client_0']}/cmdline").read_text().split("\0")
-        turns = Path(args[args.index("--cpu-turns") + 1])
-        assert turns.is_dir()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         _stop(proc)
@@ -237,7 +232,6 @@ def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) 
         "failed" in (out / "logs" / "server.log").read_text()
         or "timeout" in (out / "logs" / "server.log").read_text()
     )
-    assert not turns.exists()  # removed with the processes
     _assert_nothing_left(tmp_path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -73,64 +72,3 @@ def test_largest_first_orders_clients_by_training_samples(tmp_path: Path) -> Non
     sizes = [len(p.train) for p in partitions_for(cfg)]
     assert sorted(order) == list(range(5))
     assert [sizes[i] for i in order] == sorted(sizes, reverse=True)
-
-
-_TURN = """
-import os, sys, time
-from medbloom.system import CpuTurns
-os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
-print("ready", flush=True)
-sys.stdin.readline()  # start together
-with CpuTurns(sys.argv[1]) as turn:
-    start = time.monotonic()
-    time.sleep(0.6)
-    print(start, time.monotonic(), turn.waited, flush=True)
-"""
-
-
-def _turns(lock_dir: Path, affinities: list[str]) -> list[tuple[float, float, float]]:
-    """Start one process per affinity, release them together, return (start, end, waited)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _TURN, str(lock_dir), cpus],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for cpus in affinities
-    ]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    out = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=60)
-        assert p.returncode == 0
-        start, end, waited = map(float, stdout.split())
-        out.append((start, end, waited))
-    return sorted(out)
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
-def test_processes_pinned_to_one_cpu_take_turns(tmp_path: Path) -> None:
-    cpu = str(min(os.sched_getaffinity(0)))
-    spans = _turns(tmp_path / "locks", [cpu, cpu, cpu])
-    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
-        assert start >= end  # one after the other, never two at once
-    assert sum(w > 0.4 for *_, w in spans) == 2  # all but the first waited
-    assert (tmp_path / "locks" / f"cpu{cpu}.lock").is_file()
-
-
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="needs two CPUs",
-)
-def test_processes_on_different_or_several_cpus_do_not_wait(tmp_path: Path) -> None:
-    a, b = sorted(os.sched_getaffinity(0))[:2]
-    # two on different CPUs, one free to run on both: all three run at once
-    spans = _turns(tmp_path / "locks", [str(a), str(b), f"{a},{b}"])
-    assert max(s for s, _, _ in spans) < min(e for _, e, _ in spans)
-    assert all(w < 0.3 for *_, w in spans)

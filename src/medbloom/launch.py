@@ -17,12 +17,10 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,8 +106,6 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self.port = 0
-        # Hospitals pinned to the same CPU take turns training (system.CpuTurns).
-        self.cpu_turns = Path(tempfile.mkdtemp(prefix="medbloom-cpus-"))
 
     def __enter__(self) -> Deployment:
         return self
@@ -197,8 +193,6 @@ class Deployment:
                 *tls,
                 "--node-config",
                 node_config,
-                "--cpu-turns",
-                str(self.cpu_turns),
             ],
             f"client_{node}.log",
         )
@@ -261,7 +255,6 @@ class Deployment:
         self.stop(["superlink"])
         self.stop(list(self.procs))
         self._stop_orphaned_apps()
-        shutil.rmtree(self.cpu_turns, ignore_errors=True)
 
     def _stop_orphaned_apps(self) -> None:
         """Stop app processes our SuperLink started (flwr-serverapp, flower-superexec).

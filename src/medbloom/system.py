@@ -6,17 +6,14 @@ import contextlib
 import logging
 import os
 import sys
-import time
-from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 
 ABLATE_VARIABLE = "MEDBLOOM_ABLATE"
 
 
 def ablated(name: str) -> bool:
-    """Whether the one-machine heuristic ``name`` (pin, turns, wake, polls, pulls,
-    gates) is switched off for an ablation (``MEDBLOOM_ABLATE=name,name``;
+    """Whether the one-machine heuristic ``name`` (pin, wake, polls, pulls, gates) is
+    switched off for an ablation (``MEDBLOOM_ABLATE=name,name``;
     benchmarks/bench_deployment.py --ablate)."""
     return name in os.environ.get(ABLATE_VARIABLE, "").split(",")
 
@@ -68,55 +65,6 @@ def pin_process(pid: int, cpus: set[int]) -> bool:
             os.sched_setaffinity(tid, cpus)
             pinned = True
     return pinned
-
-
-class CpuTurns:
-    """Processes pinned to the same single CPU take turns at their work.
-
-    ``with turns:`` waits until no other process that shares ``lock_dir`` holds this
-    process's CPU, and holds it until the block ends. A process that may run on more
-    than one CPU does not wait. Five training processes time-sliced on one core take
-    longer than the same five one after the other (each refills the caches the
-    others evicted): on the default experiment, ten hospitals pinned onto two cores
-    used 19-21 CPU-s a round to train where the simulation's two workers use 16.
-    The lock is an ``flock``: it is released when its process dies.
-    """
-
-    LOCK_FILE = "cpu{}.lock"  # in lock_dir, one per CPU
-
-    def __init__(self, lock_dir: str | Path) -> None:
-        self.lock_dir = Path(lock_dir)
-        self._held: int | None = None
-        self.waited = 0.0  # seconds the last turn waited for its CPU
-
-    def __enter__(self) -> CpuTurns:
-        self._held, self.waited = self._lock()
-        return self
-
-    def _lock(self) -> tuple[int | None, float]:
-        """This process's CPU's lock once it has it (None: no turns to take), and
-        the seconds it waited for it."""
-        import fcntl
-
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-        if len(cpus) != 1:
-            return None, 0.0
-        (cpu,) = cpus
-        try:
-            self.lock_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_dir / self.LOCK_FILE.format(cpu), os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return None, 0.0  # no place for locks: run unordered, as without turns
-        start = time.monotonic()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd, time.monotonic() - start
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._held is not None:
-            os.close(self._held)  # closing the descriptor releases the flock
-            self._held = None
 
 
 def exit_without_teardown(code: int) -> NoReturn:

@@ -16,10 +16,6 @@ polls 0.1 s after each message, then less and less often (x1.25) down to once ev
 ``--poll-interval`` seconds, and checks its own state every 0.05 s (no request). A
 message part not there yet is asked for again after 0.05 s, not Flower's 1 s
 (:func:`medbloom.federation.flower_internals.shorten_pull_backoff`).
-
-With ``--cpu-turns`` (hospitals sharing one machine, set by ``medbloom launch``) a
-hospital pinned to a single CPU trains only when no other hospital pinned to that
-CPU does (:class:`medbloom.system.CpuTurns`).
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import medbloom  # noqa: F401  (sets Flower's offline environment first)
 from medbloom.federation import flower_internals
-from medbloom.system import CpuTurns, ablated, exit_without_teardown
+from medbloom.system import ablated, exit_without_teardown
 
 
 class PollSchedule:
@@ -86,14 +82,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "after each message and slow down to this while none comes)",
     )
     parser.add_argument("--port", type=int, default=9094, help="this node's Runtime API port")
-    parser.add_argument(
-        "--cpu-turns",
-        metavar="DIR",
-        default=None,
-        help="for hospitals that share one machine (medbloom launch sets it): while this "
-        "process is pinned to a single CPU, it trains only when no other node using DIR "
-        "and pinned to that CPU does",
-    )
 
     args, rest = parser.parse_known_args(argv)
     if "--isolation" in rest:
@@ -114,7 +102,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if flower_internals.supernode_sleeps(schedule.sleep):
             on_message.append(schedule.message_received)
     woken = flower_internals.on_message_stored(*on_message) and not ablated("wake")
-    turns = CpuTurns(args.cpu_turns) if args.cpu_turns and not ablated("turns") else None
     # The SuperNode's Runtime API listens on 127.0.0.1 in plain HTTP, also when its
     # link to the SuperLink uses TLS; only this process's own thread talks to it.
     threading.Thread(
@@ -123,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         kwargs={
             "poll": WAKE_FALLBACK if woken else UNWOKEN_POLL,
             "wake": wake if woken else None,
-            "turns": turns,
         },
         daemon=True,
         name="clientapp",

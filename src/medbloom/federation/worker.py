@@ -14,7 +14,6 @@ medbloom, the same code the FAB carries.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -23,28 +22,18 @@ from flwr.app import Context, Message
 
 from medbloom.federation import flower_internals
 from medbloom.federation.client_app import app as client_app
-from medbloom.system import CpuTurns
 
 log = logging.getLogger("medbloom.worker")
 
 
-def run_task(
-    address: str, token: str, root_certificates: str | None = None, turns: CpuTurns | None = None
-) -> bool:
-    """Run one acquired ClientApp task in this process; True if the app succeeded.
-
-    With ``turns`` the app runs in this process's turn on its CPU (see
-    :class:`medbloom.system.CpuTurns`); pulling and pushing the messages does not wait.
-    """
+def run_task(address: str, token: str, root_certificates: str | None = None) -> bool:
+    """Run one acquired ClientApp task in this process; True if the app succeeded."""
 
     def handle(message: Message, context: Context) -> Message:
         started = time.monotonic()
         kind = message.metadata.message_type
         log.info("%s message received", kind)
-        with turns or contextlib.nullcontext():
-            if turns is not None and turns.waited > 0.05:
-                log.info("waited %.2f s for this CPU", turns.waited)
-            reply = client_app(message=message, context=context)
+        reply = client_app(message=message, context=context)
         log.info("%s reply ready after %.2f s", kind, time.monotonic() - started)
         return reply
 
@@ -56,7 +45,6 @@ def serve(
     root_certificates: str | None = None,
     poll: float = 0.05,
     wake: threading.Event | None = None,
-    turns: CpuTurns | None = None,
 ) -> None:
     """Acquire and run ClientApp tasks from a SuperNode's Runtime API, forever.
 
@@ -76,7 +64,7 @@ def serve(
             time.sleep(0.5)
             continue
         if token:
-            run_task(address, token, root_certificates, turns)
+            run_task(address, token, root_certificates)
         elif wake is not None:
             wake.wait(poll)
         else:
