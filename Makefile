@@ -18,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 help:
 	@echo "make run    set up .venv, install, run the default experiment (ARGS='--rounds 5' to change it)"
-	@echo "make test   install dev dependencies, run lint, type checks and the whole test suite"
+	@echo "make test   install dev dependencies, run lint, type checks and the whole test suite (TEST_WORKERS=2)"
 	@echo "make lint   ruff and mypy only"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
 	@echo "make dashboard  live dashboard of ./runs on http://127.0.0.1:8501"
@@ -43,8 +43,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# Two pytest workers (pytest-xdist): the end-to-end runs spend part of their time
+# waiting (process start-up, timeouts), so two at once finish sooner on two cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 dashboard: $(STAMP)
 	$(BIN)/medbloom dashboard $(ARGS)
