@@ -72,6 +72,20 @@ MODELS: dict[str, ModelEntry] = {
             lambda spec: SmallCNN(spec.in_channels, num_outputs(spec), dims=spec.spatial_dims),
         ),
         ModelEntry(
+            "resnet10",
+            "compact ResNet for larger images: 3x3 stem with stride 2, one basic block a "
+            "stage (32-256 channels), GroupNorm; 3D for 3D sets",
+            lambda spec: ResNet(
+                10,
+                spec.in_channels,
+                num_outputs(spec),
+                dims=spec.spatial_dims,
+                norm_kind="group",
+                base_width=32,
+                stem_stride=2,
+            ),
+        ),
+        ModelEntry(
             "resnet18",
             "ResNet-18 as in the MedMNIST v2 benchmark (3x3 stem at 28/64 px); 3D for 3D sets; "
             "ImageNet weights",

@@ -1,4 +1,8 @@
-"""ResNet-18/50 in plain PyTorch, 2D or 3D, with torchvision's parameter names.
+"""ResNet-10/18/50 in plain PyTorch, 2D or 3D, with torchvision's parameter names.
+
+ResNet-10 (one basic block a stage, registered as ``resnet10`` with a stride-2 3x3
+stem, 32-256 channels and GroupNorm) is the compact one, for folder image sets at 64
+px and more on a CPU; ResNet-18 and -50 are torchvision's.
 
 With ``small_input`` (the registry's choice for inputs up to 64 px) the stem is a 3x3
 convolution with stride 1 and no max-pool, as in the MedMNIST v2 benchmark; otherwise
@@ -78,29 +82,34 @@ class ResNet(Backbone):
         small_input: bool = True,
         norm_kind: str = "batch",
         imagenet_input: bool = False,
+        base_width: int = 64,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         # ImageNet weights expect ImageNet-normalised pixels (see ImageNetInput).
         self.input_norm: nn.Module = ImageNetInput(in_channels) if imagenet_input else nn.Identity()
         block: type[BasicBlock] | type[Bottleneck]
-        if depth == 18:
+        if depth == 10:
+            block, layers = BasicBlock, (1, 1, 1, 1)
+        elif depth == 18:
             block, layers = BasicBlock, (2, 2, 2, 2)
         elif depth == 50:
             block, layers = Bottleneck, (3, 4, 6, 3)
         else:
-            raise ValueError(f"ResNet depth {depth} is not supported: expected 18 or 50")
+            raise ValueError(f"ResNet depth {depth} is not supported: expected 10, 18 or 50")
+        w = base_width
         if small_input:
-            self.conv1 = conv(dims, in_channels, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = conv(dims, in_channels, w, 3, stride=stem_stride, padding=1, bias=False)
         else:
-            self.conv1 = conv(dims, in_channels, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm(norm_kind, dims, 64)
+            self.conv1 = conv(dims, in_channels, w, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(norm_kind, dims, w)
         self.relu = nn.ReLU(inplace=True)
         pool = nn.MaxPool3d if dims == 3 else nn.MaxPool2d
         self.maxpool: nn.Module = nn.Identity() if small_input else pool(3, stride=2, padding=1)
-        inp = 64
+        inp = w
         stages = []
         for i, n_blocks in enumerate(layers):
-            width = 64 * 2**i
+            width = w * 2**i
             blocks = []
             for j in range(n_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
