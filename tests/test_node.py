@@ -40,3 +40,15 @@ def test_a_short_interval_is_never_slower_than_the_first_poll() -> None:
     schedule.sleep(SUPERNODE_IDLE_SLEEP)
     schedule.sleep(SUPERNODE_IDLE_SLEEP)
     assert slept == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("flags", [["--poll-interval", "0"], ["--isolation", "subprocess"]])
+def test_bad_node_flags_are_refused_before_anything_starts(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medbloom.federation.node import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(flags)
+    assert exc.value.code == 2
+    assert flags[0] in capsys.readouterr().err
