@@ -251,6 +251,15 @@ def _set_defaults(fn: Callable[..., Any], **values: object) -> None:
     fn.__kwdefaults__ = kw or None
 
 
+def _set_pull_defaults(**values: object) -> None:
+    """The same defaults for both of Flower's pull functions, which every caller in
+    Flower uses."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    _set_defaults(iu.pull_objects, **values)
+    _set_defaults(iu.pull_and_inflate_object_from_tree, **values)
+
+
 def bound_pull_time(seconds: float) -> bool:
     """Give up pulling a message's parts after ``seconds`` (Flower's default: 2 hours).
 
@@ -262,10 +271,7 @@ def bound_pull_time(seconds: float) -> bool:
     """
     if not patching():
         return False
-    from flwr.supercore.inflatable import inflatable_utils as iu
-
-    _set_defaults(iu.pull_objects, max_time=seconds)
-    _set_defaults(iu.pull_and_inflate_object_from_tree, max_time=seconds)
+    _set_pull_defaults(max_time=seconds)
     return True
 
 
@@ -287,15 +293,11 @@ def shorten_pull_backoff() -> bool:
     """
     if not patching():
         return False
-    from flwr.supercore.inflatable import inflatable_utils as iu
-
-    waits = {
-        "initial_backoff": PULL_INITIAL_BACKOFF,
-        "backoff_cap": PULL_BACKOFF_CAP,
-        "max_tries_per_object": PULL_MAX_TRIES,
-    }
-    _set_defaults(iu.pull_objects, **waits)
-    _set_defaults(iu.pull_and_inflate_object_from_tree, **waits)
+    _set_pull_defaults(
+        initial_backoff=PULL_INITIAL_BACKOFF,
+        backoff_cap=PULL_BACKOFF_CAP,
+        max_tries_per_object=PULL_MAX_TRIES,
+    )
     return True
 
 
