@@ -19,6 +19,7 @@ Extra arguments go to `medbloom run` (e.g. ``--augment light`` or ``--size 96``)
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -76,8 +77,10 @@ def main() -> None:
     in_time = [r for r in m if offset + r["elapsed_seconds"] <= a.budget] or m[:1]
     last = in_time[-1]
     best = max(in_time, key=lambda r: r["accuracy"])
+    model = json.loads((out / "config.json").read_text())["config"]["model"]  # what ran
     print(
-        f"## Brain Tumor MRI, 4 hospitals, Dirichlet 0.5, small CNN, {a.budget / 60:.0f} min "
+        f"## Brain Tumor MRI, 4 hospitals, Dirichlet 0.5, --model {model}, "
+        f"{a.budget / 60:.0f} min "
         f"budget ({'warm' if a.warm else 'cold'} cache), extra args: {' '.join(extra) or '-'}\n"
     )
     print(
