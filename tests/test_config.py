@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import tomllib
@@ -350,3 +351,27 @@ def test_nan_from_file_is_rejected_by_validate(tmp_path: Path) -> None:
     assert math.isnan(cfg.alpha)
     with pytest.raises(ConfigError, match=r"^--alpha nan is out of range"):
         cfg.validate()
+
+
+# ------------------------------------------------------------------ --lr-schedule
+def test_constant_is_lr_every_round() -> None:
+    cfg = ExperimentConfig(lr=0.01, rounds=5)
+    assert [cfg.round_lr(r) for r in range(1, 8)] == [0.01] * 7
+
+
+def test_cosine_anneals_over_the_rounds() -> None:
+    cfg = ExperimentConfig(lr=0.01, rounds=10, lr_schedule="cosine")
+    lrs = [cfg.round_lr(r) for r in range(1, 11)]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[5] == pytest.approx(0.005)  # half way (round 6 of 10) the rate has halved
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert 0 < lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lrs[-1] < 0.03 * lrs[0]
+    assert cfg.round_lr(11) == cfg.round_lr(10) == cfg.round_lr(50)  # resumed with more rounds
+    assert cfg.round_lr(0) == cfg.round_lr(1)  # round 0 (never trained) is clamped
+    assert ExperimentConfig(lr=0.01, rounds=1, lr_schedule="cosine").round_lr(1) == 0.01
+
+
+def test_unknown_schedule_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--lr-schedule 'step' is unknown"):
+        ExperimentConfig(lr_schedule="step").validate()

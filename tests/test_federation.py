@@ -80,7 +80,7 @@ CASES = [
     # ("pneumoniamnist", "fedavg", {}) runs twice in test_same_seed_same_numbers
     ("chestmnist", "fedprox", {}),  # multi-label, 14 sigmoid outputs
     ("organmnist3d", "fedadam", {}),  # 3D convolutions
-    ("bloodmnist", "fedmedian", {}),  # RGB, 8 classes
+    ("bloodmnist", "fedmedian", {"lr_schedule": "cosine"}),  # RGB, 8 classes
     ("retinamnist", "krum", {}),  # ordinal regression
     ("pneumoniamnist", "fedyogi", {"partition": "iid"}),
     ("pneumoniamnist", "fedavgm", {"partition": "pathological", "classes_per_client": 1}),
@@ -105,6 +105,13 @@ def test_federation_runs(
         client_rows = list(csv.DictReader(fh))
     assert len(client_rows) == 2 * clients
     assert all(r["status"] == "ok" and int(r["num_examples"]) > 0 for r in client_rows)
+    # each hospital trained with its round's learning rate (cosine: halved in round 2 of 2)
+    lr = {"constant": [0.001, 0.001], "cosine": [0.001, 0.0005]}[
+        str(extra.get("lr_schedule", "constant"))
+    ]
+    assert [float(r["lr"]) for r in client_rows] == pytest.approx(
+        [lr[int(r["round"]) - 1] for r in client_rows]
+    )
     # the global model changed: aggregation produced new weights
     assert rows[1]["loss"] != rows[0]["loss"] or rows[2]["loss"] != rows[0]["loss"]
 

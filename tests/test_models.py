@@ -7,6 +7,9 @@ a lossless ``state_arrays``/``load_arrays`` round trip, and seeded reproducibili
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,9 @@ from medbloom.data.medmnist import spec_for
 from medbloom.data.types import DatasetSpec
 from medbloom.errors import ConfigError
 from medbloom.metrics import MULTI_LABEL
-from medbloom.models import MODELS, build_model
+from medbloom.models import MODELS, build_model, default_model, resolve_model
+from medbloom.models.cnn import SmallCNN
+from medbloom.models.resnet import ResNet
 from medbloom.training import load_arrays, loss_function, state_arrays, to_tensor
 
 # (flag, size, channels, outputs, spatial dims): what each spec must say about itself.
@@ -240,3 +245,55 @@ def test_3d_resnet_uses_3d_convolutions() -> None:
     state = _build("resnet18", _spec("organ3d28"), seed=0).state_dict()
     assert state["conv1.weight"].shape == (64, 1, 3, 3, 3)
     assert state["fc.weight"].shape == (11, 512)
+
+
+# ------------------------------------------------------------------ --model auto
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("pneumoniamnist", "cnn"),
+        ("chestmnist", "cnn"),
+        ("organmnist3d", "cnn"),
+        ("brain-tumor-mri", "resnet10"),
+        ("folder:/data/xrays", "resnet10"),
+    ],
+)
+def test_auto_is_the_data_set_s_default(dataset: str, expected: str) -> None:
+    assert default_model(dataset) == resolve_model("auto", dataset) == expected
+    assert resolve_model("resnet18", dataset) == "resnet18"  # a named model is kept
+
+
+def test_build_auto_builds_the_default() -> None:
+    folder = DatasetSpec("folder:/x", "multi-class", ("a", "b", "c"), 3, 2, 64)
+    built = build_model("auto", folder)
+    assert isinstance(built, ResNet) and built.conv1.stride == (2, 2)
+    assert sum(p.numel() for p in built.parameters()) == sum(
+        p.numel() for p in build_model("resnet10", folder).parameters()
+    )
+    assert isinstance(build_model("auto", spec_for("pneumoniamnist", 28)), SmallCNN)
+
+
+def test_auto_is_recorded_as_the_model_that_ran(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medbloom.config import ExperimentConfig
+    from medbloom.experiment import prepare_run
+
+    rng = np.random.default_rng(0)
+    for split, n in (("Training", 6), ("Testing", 2)):
+        for cls in ("cats", "dogs"):
+            (tmp_path / "set" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "set" / split / cls / f"{i}.png")
+    cfg = ExperimentConfig(
+        dataset=f"folder:{tmp_path / 'set'}",
+        num_clients=2,
+        partition="iid",
+        min_partition_size=1,
+        size=28,
+        out=str(tmp_path / "run"),
+    )
+    run_dir = prepare_run(cfg.validate())
+    recorded = json.loads((run_dir / "config.json").read_text())["config"]
+    assert cfg.model == "auto" and recorded["model"] == "resnet10"

@@ -37,6 +37,7 @@ FREEZE = ("none", "features")
 AUGMENT = ("none", "light")
 BATCHED = ("off", "on")
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -63,7 +64,11 @@ class ExperimentConfig:
     local_val_fraction: float = _knob(
         0.1, "share of each client's partition kept for local validation"
     )
-    model: str = _knob("cnn", "model name (see `medbloom models`)")
+    model: str = _knob(
+        "auto",
+        "model name (see `medbloom models`); auto: the data set's default "
+        "(MedMNIST: cnn, folder sets: resnet10)",
+    )
     pretrained: str = _knob(
         "none", "start from ImageNet weights (resnet18, resnet50, vgg16)", PRETRAINED
     )
@@ -81,6 +86,12 @@ class ExperimentConfig:
     local_epochs: int = _knob(1, "local epochs per round on each client")
     batch_size: int = _knob(32, "local training batch size")
     lr: float = _knob(0.001, "client learning rate")
+    lr_schedule: str = _knob(
+        "constant",
+        "client learning rate across rounds: constant, or cosine (from --lr in round 1 "
+        "down to near 0 in the last of --rounds)",
+        LR_SCHEDULES,
+    )
     optimizer: str = _knob("adam", "client optimizer", OPTIMIZERS)
     weight_decay: float = _knob(0.0, "client weight decay")
     class_weighting: str = _knob(
@@ -193,6 +204,18 @@ class ExperimentConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case mapping, as Flower's ``run_config`` and ``config.json`` carry it."""
         return {self.flag(f.name): getattr(self, f.name) for f in self.knobs()}
+
+    def round_lr(self, server_round: int) -> float:
+        """The client learning rate of ``server_round`` (1-based) under ``lr_schedule``.
+
+        ``cosine`` follows half a cosine from ``lr`` in round 1 down to about
+        ``2.5 * lr / rounds**2`` in the last round (never 0, so the last round still
+        trains); rounds past ``rounds`` (none, unless resumed with more) keep that value.
+        """
+        if self.lr_schedule == "constant" or self.rounds <= 1:
+            return self.lr
+        t = min(max(server_round - 1, 0), self.rounds - 1) / self.rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some knobs changed."""

@@ -25,7 +25,7 @@ from medbloom.data.registry import FOLDER_PREFIX, load_dataset, resolve_size, sp
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
 from medbloom.errors import ConfigError, MedbloomError
 from medbloom.federation.strategies import build_strategy
-from medbloom.models import build_model
+from medbloom.models import build_model, resolve_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
 from medbloom.system import longest_first
 from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
@@ -274,7 +274,10 @@ def prepare_run(
             raise ConfigError(f"--batched on: {exc}; use --batched off") from None
     build_strategy(cfg)
     resolve_device(cfg.device)
-    cfg = cfg.replace(size=resolve_size(cfg.dataset, cfg.size))
+    # config.json records what runs: the size and model that 0 and auto stand for
+    cfg = cfg.replace(
+        size=resolve_size(cfg.dataset, cfg.size), model=resolve_model(cfg.model, cfg.dataset)
+    )
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()
     check_writable(out)

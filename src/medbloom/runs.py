@@ -56,6 +56,7 @@ CLIENT_COLUMNS = (
     "num_examples",
     "train_loss",
     "train_accuracy",
+    "lr",
     "local_val_accuracy",
     "seconds",
     "error",

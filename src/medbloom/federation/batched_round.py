@@ -43,7 +43,7 @@ def train_round_batched(
         task=spec.task,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=cfg.round_lr(server_round),
         optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay,
         proximal_mu=mu,
@@ -56,6 +56,7 @@ def train_round_batched(
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "train_loss": res.train_loss,
             "train_accuracy": res.train_accuracy,
+            "lr": cfg.round_lr(server_round),
             "num-examples": res.num_examples,
             "partition-id": pid,
             "seconds": seconds,

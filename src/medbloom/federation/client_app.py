@@ -96,7 +96,7 @@ def train_on_message(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         optimizer=cfg.optimizer,
-        lr=cfg.lr,
+        lr=cfg.round_lr(server_round),
         weight_decay=cfg.weight_decay,
         weights=data.weights,
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
@@ -108,6 +108,7 @@ def train_on_message(
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train_loss": result.train_loss,
         "train_accuracy": result.train_accuracy,
+        "lr": cfg.round_lr(server_round),
         "num-examples": result.num_examples,
         "partition-id": pid,
     }

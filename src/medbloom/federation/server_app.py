@@ -355,6 +355,7 @@ def sort_replies(
                 "num_examples": int(_num(m["num-examples"])),
                 "train_loss": _num(m["train_loss"]),
                 "train_accuracy": _num(m["train_accuracy"]),
+                "lr": _num(m.get("lr", float("nan"))),
                 "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
                 "seconds": _num(m.get("seconds", float("nan"))),
             }

@@ -1,5 +1,5 @@
 """Models by name: ``build_model(name, spec)``."""
 
-from medbloom.models.registry import MODELS, build_model
+from medbloom.models.registry import MODELS, build_model, default_model, resolve_model
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "default_model", "resolve_model"]
