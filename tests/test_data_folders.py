@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from medbloom.data.folders import (
     FOLDER_LAYOUT_HELP,
@@ -24,6 +25,7 @@ from medbloom.data.folders import (
     load_folder_dataset,
     preprocess_image,
 )
+from medbloom.data.registry import brain_tumor_class, load_dataset
 from medbloom.data.types import Splits
 from medbloom.errors import ConfigError, DataError
 
@@ -609,6 +611,266 @@ def test_worker_processes_give_the_same_arrays(tmp_path: Path) -> None:
     ):
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# ---------------------------------------------------------------------------
+# brain-tumor-mri under other folder names, sizes and encoders
+# ---------------------------------------------------------------------------
+
+# Each class's synthetic brain has its own brightness, so every decoded image's label can
+# be checked against its own pixels.
+BRAIN_LEVELS = {"glioma": 80, "meningioma": 130, "notumor": 180, "pituitary": 230}
+
+# (file name, (width, height), mode, Pillow format, save options): the sizes and encoder
+# variants brain-tumour sets come in.
+BRAIN_VARIANTS = [
+    ("baseline-512.jpg", (512, 512), "L", "JPEG", {}),
+    ("progressive.jpg", (300, 256), "RGB", "JPEG", {"progressive": True}),
+    ("optimized.jpg", (64, 90), "RGB", "JPEG", {"optimize": True}),
+    ("subsampling-444.jpg", (256, 300), "RGB", "JPEG", {"subsampling": 0, "quality": 95}),
+    ("subsampling-420.jpg", (200, 150), "RGB", "JPEG", {"subsampling": 2, "quality": 60}),
+    ("gray-progressive.JPEG", (90, 64), "L", "JPEG", {"progressive": True, "optimize": True}),
+    ("cmyk.jpg", (120, 120), "CMYK", "JPEG", {}),
+    ("gray.png", (100, 80), "L", "PNG", {}),
+    ("rgb.png", (80, 100), "RGB", "PNG", {}),
+]
+
+
+def brain_image(cls: str, size: tuple[int, int] = (60, 50), mode: str = "L") -> Image.Image:
+    """A black image (width, height) with a "brain" of the class's brightness filling the
+    middle 60 % of each side."""
+    width, height = size
+    gray = np.zeros((height, width), dtype=np.uint8)
+    gray[height // 5 : height - height // 5, width // 5 : width - width // 5] = BRAIN_LEVELS[cls]
+    return Image.fromarray(gray).convert(mode)
+
+
+def write_brain_folders(split_dir: Path, folders: dict[str, str], count: int) -> None:
+    """``count`` small PNG brains in ``split_dir/<folder>`` for each folder -> class."""
+    for folder, cls in folders.items():
+        for i in range(count):
+            save(brain_image(cls), split_dir / folder / f"{cls}-{i}.png")
+
+
+@pytest.fixture
+def brain_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The data root of ``--dataset brain-tumor-mri``, with the cache inside ``tmp_path``;
+    the set goes in its ``brain-tumor-mri`` folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "data"
+
+
+def load_brain(data_dir: Path, size: int = 24) -> Splits:
+    return load_dataset("brain-tumor-mri", size, data_dir, download=False, progress=False)
+
+
+def check_brain_labels(splits: Splits, size: int = 24) -> None:
+    """Every image is (1, size, size), its centre at its class's brightness, and labelled
+    with that class's canonical index."""
+    levels = np.array([BRAIN_LEVELS[c] for c in BRAIN_CLASSES])
+    mid = size // 2
+    for part in (splits.train, splits.val, splits.test):
+        assert part.images.shape[1:] == (1, size, size)
+        assert part.images.dtype == np.uint8
+        assert part.class_names == BRAIN_CLASSES
+        centres = part.images[:, 0, mid - 2 : mid + 2, mid - 2 : mid + 2].mean(axis=(1, 2))
+        nearest = np.abs(centres[:, None] - levels[None, :]).argmin(axis=1)
+        np.testing.assert_array_equal(nearest, part.labels)
+        np.testing.assert_allclose(centres, levels[part.labels], atol=12)
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        ("glioma", "glioma"),
+        ("glioma_tumor", "glioma"),
+        ("Glioma", "glioma"),
+        ("GLIOMA-TUMOUR", "glioma"),
+        ("meningioma_tumor", "meningioma"),
+        ("meningioma_tumour", "meningioma"),
+        ("Meningioma Tumors", "meningioma"),
+        ("notumor", "notumor"),
+        ("no_tumor", "notumor"),
+        ("No Tumor", "notumor"),
+        ("no-tumour", "notumor"),
+        ("non-tumor", "notumor"),
+        ("healthy", "notumor"),
+        ("Normal", "notumor"),
+        ("pituitary", "pituitary"),
+        ("pituitary_tumor", "pituitary"),
+        ("pituitary tumor", "pituitary"),
+        ("Pituitary Adenoma", "pituitary"),
+        ("2_pituitary", "pituitary"),
+        ("tumor", None),
+        ("yes", None),
+        ("glioblastoma", None),
+        ("astrocytoma_tumor", None),
+        ("", None),
+    ],
+)
+def test_brain_tumor_class_of_folder_names(folder: str, expected: str | None) -> None:
+    assert brain_tumor_class(folder) == expected
+
+
+def test_brain_tumor_sartaj_folder_names(brain_data: Path) -> None:
+    # Sartaj Bhuvaji's Kaggle set (sartajbhuvaji/brain-tumor-classification-mri).
+    root = brain_data / "brain-tumor-mri"
+    sartaj = {f"{c}_tumor": c for c in ("glioma", "meningioma", "pituitary")}
+    sartaj["no_tumor"] = "notumor"
+    write_brain_folders(root / "Training", sartaj, 5)
+    write_brain_folders(root / "Testing", sartaj, 2)
+    splits = load_brain(brain_data)
+    assert splits.spec.name == "brain-tumor-mri"
+    assert splits.spec.class_names == BRAIN_CLASSES
+    assert (splits.spec.task, splits.spec.in_channels, splits.spec.extra["crop"]) == (
+        "multi-class",
+        1,
+        True,
+    )
+    assert splits.spec.extra["layout"] == "train-test"
+    assert np.bincount(splits.test.labels).tolist() == [2, 2, 2, 2]
+    assert np.bincount(splits.val.labels, minlength=4).tolist() == [1, 1, 1, 1]
+    assert np.bincount(splits.train.labels).tolist() == [4, 4, 4, 4]
+    check_brain_labels(splits)
+    assert splits.spec.extra["cache"] == "miss"
+    assert load_brain(brain_data).spec.extra["cache"] == "hit"
+    # Another folder name is another listing: the cache key changes, the classes do not.
+    (root / "Testing" / "no_tumor").rename(root / "Testing" / "notumor")
+    renamed = load_brain(brain_data)
+    assert renamed.spec.extra["cache"] == "miss"
+    assert renamed.spec.class_names == BRAIN_CLASSES
+    np.testing.assert_array_equal(renamed.test.labels, splits.test.labels)
+    np.testing.assert_array_equal(renamed.test.images, splits.test.images)
+
+
+def test_brain_tumor_mixed_spellings_keep_the_canonical_order(brain_data: Path) -> None:
+    root = brain_data / "brain-tumor-mri"
+    # Sorted as strings these are Meningioma, Pituitary, glioma, healthy: the labels must
+    # still be glioma 0, meningioma 1, notumor 2, pituitary 3.
+    training = {
+        "Pituitary_Tumour": "pituitary",
+        "glioma": "glioma",
+        "healthy": "notumor",
+        "Meningioma Tumor": "meningioma",
+    }
+    testing = {  # the test folder spells them differently again
+        "GLIOMA-TUMOR": "glioma",
+        "meningioma": "meningioma",
+        "no-tumour": "notumor",
+        "pituitary tumor": "pituitary",
+    }
+    write_brain_folders(root / "train", training, 4)
+    write_brain_folders(root / "test", testing, 3)
+    splits = load_brain(brain_data)
+    assert splits.spec.class_names == BRAIN_CLASSES
+    assert np.bincount(splits.test.labels).tolist() == [3, 3, 3, 3]
+    assert len(splits.train) + len(splits.val) == 16
+    check_brain_labels(splits)
+
+
+def test_brain_tumor_without_train_test_folders_and_few_images(brain_data: Path) -> None:
+    # Two or three images a class, no Training/Testing split: still loads, still labelled.
+    root = brain_data / "brain-tumor-mri"
+    write_brain_folders(root, {"glioma": "glioma", "no tumor": "notumor"}, 2)
+    write_brain_folders(root, {"Meningioma": "meningioma", "pituitary": "pituitary"}, 3)
+    splits = load_brain(brain_data, size=16)
+    assert splits.spec.class_names == BRAIN_CLASSES
+    assert splits.spec.extra["layout"] == "single-folder"
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 10
+    assert min(len(splits.train), len(splits.val), len(splits.test)) >= 1
+    everything = np.concatenate([splits.train.labels, splits.val.labels, splits.test.labels])
+    assert np.bincount(everything).tolist() == [2, 3, 2, 3]
+    check_brain_labels(splits, size=16)
+
+
+def test_brain_tumor_unknown_folder_is_an_error(brain_data: Path) -> None:
+    root = brain_data / "brain-tumor-mri"
+    folders = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "notumor"}
+    write_brain_folders(root / "Training", {**folders, "pituitary": "pituitary"}, 2)
+    save(brain_image("glioma"), root / "Training" / "astrocytoma" / "a.png")
+    with pytest.raises(DataError) as error:
+        load_brain(brain_data)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{(root / 'Training' / 'astrocytoma').resolve()}: ")
+    assert "'astrocytoma' is none of the classes glioma, meningioma, notumor, pituitary" in message
+    assert "expected folders named glioma, meningioma, notumor and pituitary" in message
+    assert "glioma_tumor" in message and "healthy" in message
+    # In the test folder too, even when the training folder is fine.
+    shutil.rmtree(root / "Training" / "astrocytoma")
+    write_brain_folders(root / "Testing", {**folders, "tumour": "pituitary"}, 1)
+    with pytest.raises(DataError, match=r"Testing/tumour: class folder 'tumour' is none of"):
+        load_brain(brain_data)
+
+
+def test_brain_tumor_two_folders_of_one_class_is_an_error(brain_data: Path) -> None:
+    root = brain_data / "brain-tumor-mri"
+    write_brain_folders(
+        root / "Training",
+        {
+            "glioma": "glioma",
+            "meningioma": "meningioma",
+            "no_tumor": "notumor",
+            "healthy": "notumor",
+            "pituitary": "pituitary",
+        },
+        2,
+    )
+    with pytest.raises(DataError) as error:
+        load_brain(brain_data)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{(root / 'Training').resolve()}: class folders 'healthy' and 'no_tumor' are both "
+        "class 'notumor'; expected one folder per class, named glioma, meningioma"
+    )
+
+
+def test_brain_tumor_missing_classes(brain_data: Path) -> None:
+    root = brain_data / "brain-tumor-mri"
+    three = {"glioma_tumor": "glioma", "meningioma_tumor": "meningioma", "no_tumor": "notumor"}
+    write_brain_folders(root / "Training", {**three, "pituitary_tumor": "pituitary"}, 3)
+    # A class missing from the test folder: loaded, with the generic loader's warning.
+    write_brain_folders(root / "Testing", {"glioma": "glioma", "pituitary": "pituitary"}, 2)
+    with pytest.warns(UserWarning, match=r"no test folder for class\(es\) meningioma, notumor"):
+        splits = load_brain(brain_data)
+    assert splits.spec.class_names == BRAIN_CLASSES
+    assert np.bincount(splits.test.labels, minlength=4).tolist() == [2, 0, 0, 2]
+    check_brain_labels(splits)
+    # A class missing from the training folder: no training images of it, an error.
+    shutil.rmtree(root / "Training" / "pituitary_tumor")
+    with pytest.raises(DataError) as error:
+        load_brain(brain_data)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{(root / 'Training').resolve()}: no class folder for pituitary "
+        "(found glioma_tumor, meningioma_tumor, no_tumor); expected one folder per class"
+    )
+
+
+def test_brain_tumor_any_size_and_encoder(brain_data: Path) -> None:
+    root = brain_data / "brain-tumor-mri"
+    for cls in BRAIN_CLASSES:
+        for file_name, size, mode, fmt, options in BRAIN_VARIANTS:
+            save(brain_image(cls, size, mode), root / "Training" / cls / file_name, fmt, **options)
+        for file_name, size, mode, fmt, options in BRAIN_VARIANTS[::4]:
+            save(brain_image(cls, size, mode), root / "Testing" / cls / file_name, fmt, **options)
+    # The files are what their names say, so the test covers every variant.
+    sample = root / "Training" / "glioma"
+    for file_name, size, mode, fmt, options in BRAIN_VARIANTS:
+        with Image.open(sample / file_name) as image:
+            assert (image.format, image.size, image.mode) == (fmt, size, mode)
+            if fmt == "JPEG":
+                assert bool(image.info.get("progressive")) == bool(options.get("progressive"))
+                if mode == "RGB":  # Pillow's default is 4:2:0 (2); 4:4:4 is 0
+                    expected = options.get("subsampling", 2)
+                    assert JpegImagePlugin.get_sampling(image) == expected
+    splits = load_brain(brain_data)
+    assert splits.spec.extra["skipped_files"] == []
+    assert len(splits.train) + len(splits.val) == 4 * len(BRAIN_VARIANTS)
+    assert np.bincount(splits.test.labels).tolist() == [3, 3, 3, 3]
+    check_brain_labels(splits)
 
 
 # ---------------------------------------------------------------------------

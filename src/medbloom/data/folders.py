@@ -6,6 +6,11 @@ Three layouts are read (folder names matched case-insensitively):
 - ``ROOT/<class>/*``: a seeded, stratified test split of ``test_fraction`` is carved out;
 - ``ROOT/Training/<class>/*`` alone: as the previous layout, inside ``Training``.
 
+Class names are the class folders' names, sorted; a data set with fixed classes (Brain
+Tumor MRI) passes :class:`KnownClasses` instead, which maps each folder's name onto one of
+its classes, so that sets distributed with other folder names (``glioma_tumor``,
+``No Tumor``) load with the same names and labels.
+
 The validation split is always carved from the training images (seeded, stratified),
 since the server selects its best model on it and must never see test images.
 
@@ -27,7 +32,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ from medbloom.system import usable_cpus
 
 __all__ = [
     "FOLDER_LAYOUT_HELP",
+    "KnownClasses",
     "SkippedFileWarning",
     "crop_to_foreground",
     "default_cache_dir",
@@ -89,6 +95,26 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 class SkippedFileWarning(UserWarning):
     """A file in a class folder could not be read as an image and was left out."""
+
+
+@dataclass(frozen=True)
+class KnownClasses:
+    """A data set's fixed classes, and which class folders hold each of them.
+
+    Attributes
+    ----------
+    names
+        The class names, in label order: class ``names[i]`` has label ``i`` whatever
+        order its folder sorts in.
+    match
+        A class folder's name to one of ``names``, or None for a folder of no class.
+    accepted
+        The folder names ``match`` takes, in words, for error messages.
+    """
+
+    names: tuple[str, ...]
+    match: Callable[[str], str | None]
+    accepted: str
 
 
 @dataclass(frozen=True)
@@ -350,29 +376,66 @@ def _files_in(class_dir: Path) -> list[Path]:
     return sorted(out, key=lambda path: path.as_posix())
 
 
-def _list_files(root: Path, layout: _Layout) -> _Listing:
+def _by_class(folder: Path, dirs: Sequence[Path], classes: KnownClasses | None) -> dict[str, Path]:
+    """Each class found among a folder's class folders, to its folder (in folder order)."""
+    if classes is None:
+        return {d.name: d for d in dirs}
+    found: dict[str, Path] = {}
+    for d in dirs:
+        name = classes.match(d.name)
+        if name not in classes.names:
+            raise DataError(
+                f"{d}: class folder {d.name!r} is none of the classes "
+                f"{', '.join(classes.names)}; expected folders named {classes.accepted}"
+            )
+        if name in found:
+            raise DataError(
+                f"{folder}: class folders {found[name].name!r} and {d.name!r} are both class "
+                f"{name!r}; expected one folder per class, named {classes.accepted}"
+            )
+        found[name] = d
+    return found
+
+
+def _list_files(root: Path, layout: _Layout, classes: KnownClasses | None = None) -> _Listing:
     train_dirs = _class_dirs(layout.train_dir)
-    if len(train_dirs) < 2:
-        raise DataError(
-            f"{layout.train_dir}: only one class folder ({train_dirs[0].name}); "
-            "expected at least two, one per class"
-        )
-    class_names = tuple(d.name for d in train_dirs)
+    train_by_class = _by_class(layout.train_dir, train_dirs, classes)
+    if classes is None:
+        if len(train_dirs) < 2:
+            raise DataError(
+                f"{layout.train_dir}: only one class folder ({train_dirs[0].name}); "
+                "expected at least two, one per class"
+            )
+        class_names = tuple(train_by_class)
+    else:
+        absent = [name for name in classes.names if name not in train_by_class]
+        if absent:
+            raise DataError(
+                f"{layout.train_dir}: no class folder for {', '.join(absent)} (found "
+                f"{', '.join(d.name for d in train_dirs)}); expected one folder per class, "
+                f"named {classes.accepted}"
+            )
+        class_names = classes.names
+    class_dirs = [train_by_class[name] for name in class_names]
     index = {name: i for i, name in enumerate(class_names)}
     # The training folders are checked completely before the test folder is looked at,
     # so the first error is about the folder that defines the classes.
-    per_folder = [(_files_in(d), index[d.name], False) for d in train_dirs]
+    per_folder = [(_files_in(d), i, False) for i, d in enumerate(class_dirs)]
     if layout.test_dir is not None:
-        test_dirs = _class_dirs(layout.test_dir)
-        for d in test_dirs:
-            if d.name not in index:
+        test_by_class = _by_class(layout.test_dir, _class_dirs(layout.test_dir), classes)
+        for name, d in test_by_class.items():
+            if name not in index:
                 raise DataError(
                     f"{d}: class {d.name!r} is not among the training classes in "
                     f"{layout.train_dir} ({', '.join(class_names)}); expected the same "
                     "class folders in both"
                 )
-        per_folder += [(_files_in(d), index[d.name], True) for d in test_dirs]
-        missing = sorted(set(class_names) - {d.name for d in test_dirs})
+        per_folder += [
+            (_files_in(test_by_class[name]), i, True)
+            for i, name in enumerate(class_names)
+            if name in test_by_class
+        ]
+        missing = [name for name in class_names if name not in test_by_class]
         if missing:
             warnings.warn(
                 f"{layout.test_dir}: no test folder for class(es) {', '.join(missing)}; "
@@ -390,7 +453,7 @@ def _list_files(root: Path, layout: _Layout) -> _Listing:
             [np.full(len(files), is_test, dtype=bool) for files, _, is_test in per_folder]
         ),
         class_names=class_names,
-        class_dirs=tuple(train_dirs),
+        class_dirs=tuple(class_dirs),
     )
 
 
@@ -406,6 +469,8 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(listing: _Listing, settings: dict[str, Any]) -> str:
+    """Settings, then each file's relative path, size, time, label and split: renaming,
+    adding or removing a file or folder, or mapping a folder to another class, changes it."""
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for path, rel, label, is_test in zip(
@@ -656,18 +721,24 @@ def _task(class_names: Sequence[str]) -> str:
 
 
 def folder_spec(
-    root: str | os.PathLike[str], *, name: str, image_size: int, channels: int
+    root: str | os.PathLike[str],
+    *,
+    name: str,
+    image_size: int,
+    channels: int,
+    classes: KnownClasses | None = None,
 ) -> DatasetSpec:
     """The spec of a class-folder data set from its folder names alone, decoding nothing.
 
     For a registry's ``spec_of``: it lists the folders (so it raises the same
-    :class:`DataError` for a bad layout as :func:`load_folder_dataset`) but reads no
-    image, so it cannot know about unreadable files or split sizes.
+    :class:`DataError` for a bad layout or, with ``classes``, a folder of no known class,
+    as :func:`load_folder_dataset`) but reads no image, so it cannot know about
+    unreadable files or split sizes.
     """
     _check_settings(image_size, channels)
     root_path = Path(root).expanduser().resolve()
     layout = _find_layout(root_path)
-    listing = _list_files(root_path, layout)
+    listing = _list_files(root_path, layout, classes)
     return DatasetSpec(
         name=name,
         task=_task(listing.class_names),
@@ -692,7 +763,7 @@ def _check_classes(listing: _Listing, layout: _Layout, decoded: _Decoded, root: 
         if train_counts[i] == 0:
             raise DataError(
                 f"{folder}: no readable images in the class folder; "
-                f"expected image files of class {folder.name!r}"
+                f"expected image files of class {listing.class_names[i]!r}"
             )
     if layout.test_dir is not None and not decoded.from_test.any():
         raise DataError(f"{layout.test_dir}: no readable test images; expected class folders")
@@ -711,6 +782,7 @@ def load_folder_dataset(
     progress: bool = True,
     crop: bool = True,
     workers: int | None = None,
+    classes: KnownClasses | None = None,
 ) -> Splits:
     """Load a class-folder image data set as train, validation and test splits.
 
@@ -738,27 +810,33 @@ def load_folder_dataset(
         Crop each image to its largest foreground region (:func:`crop_to_foreground`).
     workers
         Decoding processes; default one per available CPU; 1 decodes in this process.
+    classes
+        The data set's fixed classes: every class folder (training and test) must match
+        one of them, no two folders of a split the same one, and the training folder must
+        hold all of them. Default: the class folders' names are the classes.
 
     Returns
     -------
     Splits
-        Class names are the sorted training folder names. ``spec.extra`` holds
-        ``cache`` ("hit", "miss", or "off" when the cache could not be written),
-        ``cache_path``, ``skipped_files`` (relative paths of unreadable files),
-        ``layout``, ``root`` and ``n_samples`` per split.
+        Class names are the sorted training folder names, or ``classes.names`` in their
+        order. ``spec.extra`` holds ``cache`` ("hit", "miss", or "off" when the cache
+        could not be written), ``cache_path``, ``skipped_files`` (relative paths of
+        unreadable files), ``layout``, ``root`` and ``n_samples`` per split.
 
     Raises
     ------
     DataError
         The folder is missing, has no class folders, an empty class folder, a test class
-        unknown to the training folder, or no readable image.
+        unknown to the training folder, or no readable image; with ``classes``, a class
+        folder of none of them, two folders of one class, or a class without a training
+        folder.
     ConfigError
         A fraction, ``channels`` or ``image_size`` is out of range.
     """
     _check_settings(image_size, channels, val_fraction, test_fraction)
     root_path = Path(root).expanduser().resolve()
     layout = _find_layout(root_path)
-    listing = _list_files(root_path, layout)
+    listing = _list_files(root_path, layout, classes)
     # The seed and fractions only choose indices after decoding, so they stay out of
     # the key: a seed sweep reuses one cache file.
     settings = {
