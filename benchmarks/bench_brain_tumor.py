@@ -1,19 +1,26 @@
-"""Test accuracy on the full Brain Tumor MRI data set after a fixed wall-clock budget.
+"""Brain Tumor MRI after a fixed wall-clock budget: federated non-IID, federated IID, central.
 
-`medbloom run` (the real CLI): 4 hospitals, Dirichlet alpha 0.5, the small CNN, FedAvg, on
-`../shared/datasets/brain-tumor-mri` (5712 training and 1311 test images), with rounds
-enough to outlast the budget. When the budget (default 15 minutes, from the command's
-start, decoding included) runs out the run is stopped the way Ctrl-C stops it, and the
-table shows the last round finished in time: its test accuracy, balanced accuracy, macro
-F1 and AUC, read from the run's metrics.csv, with the round the accuracy was best.
+Three runs of `medbloom run` (the real CLI) on `../shared/datasets/brain-tumor-mri` (5712
+training and 1311 test images), each with the folder sets' default recipe (see the
+README) and the same budget, one after another:
 
-The decoded-image cache goes to a fresh folder (``XDG_CACHE_HOME``) unless ``--warm`` is
-given, so the first pass over the JPEGs counts against the budget as it would for a new
-user.
+- ``dirichlet``: 4 hospitals, Dirichlet alpha 0.5 (target: test ACC >= 0.90);
+- ``iid``: 4 hospitals, IID (target: test ACC >= 0.95);
+- ``central``: the same network trained by one "hospital" holding all the training
+  images, with every core to itself: the ceiling the federated runs compare with.
 
-    .venv/bin/python benchmarks/bench_brain_tumor.py [--budget 900] [--warm] [ARGS...]
+Each budget (default 15 minutes) counts from the command's start, decoding included: the
+decoded-image cache goes to a fresh folder (``XDG_CACHE_HOME``) for every run unless
+``--warm`` is given. When a budget runs out before the last round the run is stopped
+the way Ctrl-C stops it, and the table shows the last round finished in time. The
+table gives test ACC, balanced accuracy, macro F1, AUC and each class's recall, read
+from the runs' metrics.csv and per_class.jsonl; then the time to decode the JPEGs with
+a cold and with a warm cache.
 
-Extra arguments go to `medbloom run` (e.g. ``--augment light`` or ``--size 96``).
+    .venv/bin/python benchmarks/bench_brain_tumor.py [--budget 900] [--setups dirichlet,iid,central]
+        [--warm] [--keep DIR] [ARGS...]
+
+Extra arguments go to every `medbloom run` (e.g. ``--augment none`` or ``--size 96``).
 """
 
 from __future__ import annotations
@@ -26,89 +33,179 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from _common import DATA_DIR, ENV, MEDBLOOM, REPO, read_csv, table
 
+from medbloom.system import usable_cpus
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=900.0, help="seconds (default 15 min)")
-    p.add_argument("--warm", action="store_true", help="reuse the user's decoded-image cache")
-    p.add_argument("--keep", type=Path, default=None, help="run directory to keep")
-    a, extra = p.parse_known_args()
-    if not (DATA_DIR / "brain-tumor-mri" / "Training").is_dir():
-        sys.exit(f"real data not found: {DATA_DIR}/brain-tumor-mri")
-    tmp = Path(tempfile.mkdtemp(prefix="medbloom-bench-bt-"))
-    out = a.keep or tmp / "run"
+ROUNDS = 50  # what fits 15 minutes on a 2-core CPU with a margin (benchmarks/README.md)
+SETUPS = {
+    # name: (arguments, target test ACC)
+    "dirichlet": (["--num-clients", "4", "--partition", "dirichlet", "--alpha", "0.5"], 0.90),
+    "iid": (["--num-clients", "4", "--partition", "iid"], 0.95),
+    "central": (["--num-clients", "1", "--partition", "iid", "--min-clients", "1"], None),
+}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    rows: list[dict[str, float]]  # metrics.csv rows finished within the budget
+    offset: float  # seconds from the command's start to round 0's row
+    per_class: dict[int, dict[str, Any]]  # per_class.jsonl by round
+    config: dict[str, Any]  # config.json's resolved settings
+
+
+def run_one(
+    name: str, args: list[str], budget: float, out: Path, cache: Path | None, log_path: Path
+) -> RunResult:
+    """One `medbloom run`, stopped at the budget; its metrics rows and per-class reports."""
     env = dict(ENV)
-    if not a.warm:
-        env["XDG_CACHE_HOME"] = str(tmp / "cache")
-    args = [
-        "--dataset", "brain-tumor-mri", "--data-dir", str(DATA_DIR),
-        "--num-clients", "4", "--partition", "dirichlet", "--alpha", "0.5",
-        "--model", "cnn", "--rounds", "1000", "--round-timeout", str(a.budget),
-        *extra,
-    ]  # fmt: skip
+    if cache is not None:
+        env["XDG_CACHE_HOME"] = str(cache)
+    if name == "central":
+        # One process trains: let it use every core, as central training would.
+        env["MEDBLOOM_TORCH_THREADS"] = str(usable_cpus())
     t0 = time.monotonic()
-    log_path = tmp / "run.log"
+    first_row = None
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [*MEDBLOOM, "run", *args, "--out", str(out)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        first_row = None
         while proc.poll() is None:
             if first_row is None and len(read_csv(out / "metrics.csv")) > 0:
                 first_row = time.monotonic() - t0
-            if time.monotonic() - t0 > a.budget:
+            if time.monotonic() - t0 > budget:
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
                 break
             time.sleep(0.5)
-    wall = time.monotonic() - t0
     rows = read_csv(out / "metrics.csv")
     if proc.returncode not in (0, 130) or not rows:
         print(log_path.read_text()[-3000:], file=sys.stderr)
-        sys.exit(f"medbloom run failed with code {proc.returncode}")
+        sys.exit(f"{name}: medbloom run failed with code {proc.returncode}")
     m = [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
     # elapsed_seconds counts from the first evaluation; the budget counts from the command.
-    offset = first_row or 0.0
-    in_time = [r for r in m if offset + r["elapsed_seconds"] <= a.budget] or m[:1]
-    last = in_time[-1]
-    best = max(in_time, key=lambda r: r["accuracy"])
-    model = json.loads((out / "config.json").read_text())["config"]["model"]  # what ran
-    print(
-        f"## Brain Tumor MRI, 4 hospitals, Dirichlet 0.5, --model {model}, "
-        f"{a.budget / 60:.0f} min "
-        f"budget ({'warm' if a.warm else 'cold'} cache), extra args: {' '.join(extra) or '-'}\n"
+    offset = first_row if first_row is not None else 0.0
+    in_time = [r for r in m if offset + r["elapsed_seconds"] <= budget] or m[:1]
+    per_class: dict[int, dict[str, Any]] = {}
+    pc_file = out / "per_class.jsonl"
+    if pc_file.exists():
+        for line in pc_file.read_text().splitlines():
+            rec = json.loads(line)
+            per_class[int(rec["round"])] = rec
+    config = json.loads((out / "config.json").read_text())["config"]
+    return RunResult(in_time, offset, per_class, config)
+
+
+def decode_seconds(cache: Path) -> float:
+    """Seconds to load the data set in a fresh process with its cache under ``cache``."""
+    code = (
+        "import time; t = time.perf_counter();"
+        "from medbloom.data.registry import load_dataset;"
+        f"load_dataset('brain-tumor-mri', 0, {str(DATA_DIR)!r});"
+        "print(time.perf_counter() - t)"
     )
+    env = {**ENV, "XDG_CACHE_HOME": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=900.0, help="seconds per run (default 15 min)")
+    p.add_argument("--setups", default="dirichlet,iid,central", help="which runs, in order")
+    p.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"rounds of each run (default {ROUNDS})"
+    )
+    p.add_argument("--warm", action="store_true", help="reuse the user's decoded-image cache")
+    p.add_argument("--keep", type=Path, default=None, help="folder to keep the run directories in")
+    a, extra = p.parse_known_args()
+    setups = [s.strip() for s in a.setups.split(",") if s.strip()]
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown or not setups:
+        p.error(f"--setups: unknown {unknown or 'empty'}; expected some of {', '.join(SETUPS)}")
+    if not (DATA_DIR / "brain-tumor-mri" / "Training").is_dir():
+        sys.exit(f"real data not found: {DATA_DIR}/brain-tumor-mri")
+    tmp = Path(tempfile.mkdtemp(prefix="medbloom-bench-bt-"))
+    keep = a.keep or tmp
+    keep.mkdir(parents=True, exist_ok=True)
+    common = ["--dataset", "brain-tumor-mri", "--data-dir", str(DATA_DIR)]
+    results: dict[str, RunResult] = {}
+    for name in setups:
+        args = [*common, *SETUPS[name][0], "--rounds", str(a.rounds)]
+        args += ["--round-timeout", str(a.budget), *extra]
+        cache = None if a.warm else tmp / f"cache-{name}"
+        print(f"{name}: medbloom run {' '.join(args)}", file=sys.stderr, flush=True)
+        results[name] = run_one(name, args, a.budget, keep / name, cache, keep / f"{name}.log")
+
+    first = next(iter(results.values())).config
+    print(
+        f"## Brain Tumor MRI in {a.budget / 60:.0f} min a run "
+        f"({'warm' if a.warm else 'cold'} cache), --model {first['model']}, --size "
+        f"{first['size']}, --augment {first['augment']}, --lr {first['lr']} "
+        f"({first['lr-schedule']}), {first['rounds']} rounds; "
+        f"extra args: {' '.join(extra) or '-'}\n"
+    )
+    class_names: list[str] = []
+    lines = []
+    for name, res in results.items():
+        rows = res.rows
+        last, best = rows[-1], max(rows, key=lambda r: r["accuracy"])
+        pc = res.per_class.get(int(last["round"]), {})
+        class_names = class_names or list(pc.get("class_names", []))
+        recall = pc.get("recall", [float("nan")] * len(class_names))
+        target = SETUPS[name][1]
+        lines.append(
+            [
+                name,
+                int(res.config["num-clients"]),
+                f"{int(last['round'])}/{res.config['rounds']}",
+                res.offset + last["elapsed_seconds"],
+                last["accuracy"],
+                last.get("balanced_accuracy", float("nan")),
+                last.get("f1", float("nan")),
+                last["auc"],
+                *recall,
+                f"{best['accuracy']:.3f} (r{int(best['round'])})",
+                "-"
+                if target is None
+                else f">= {target:.2f}: " + ("met" if last["accuracy"] >= target else "NOT met"),
+            ]
+        )
     print(
         table(
-            ["", "round", "s since start", "test ACC", "balanced ACC", "macro F1", "AUC"],
             [
-                [
-                    label,
-                    int(r["round"]),
-                    offset + r["elapsed_seconds"],
-                    r["accuracy"],
-                    r.get("balanced_accuracy", float("nan")),
-                    r.get("f1", float("nan")),
-                    r["auc"],
-                ]
-                for label, r in (("last round in budget", last), ("best test ACC", best))
+                "run", "hospitals", "rounds", "s since start", "test ACC", "balanced ACC",
+                "macro F1", "AUC", *[f"recall {c}" for c in class_names], "best ACC",
+                "target",
             ],
+            lines,
         )
-    )
-    rounds = [r["round_seconds"] + r.get("eval_seconds", 0.0) for r in in_time if r["round"] >= 1]
+    )  # fmt: skip
+    for name, res in results.items():
+        rounds = [r["round_seconds"] + r.get("eval_seconds", 0.0) for r in res.rows]
+        rounds = sorted(rounds[1:])  # round 0 is the first evaluation only
+        med = rounds[len(rounds) // 2] if rounds else float("nan")
+        print(
+            f"- {name}: round 0 (decoding, partitioning, first evaluation) ended "
+            f"{res.offset:.0f} s after the command started; median {med:.1f} s a round"
+        )
+    cold_cache = tmp / "cache-decode"
+    cold = decode_seconds(cold_cache)
+    warm = decode_seconds(cold_cache)
     print(
-        f"\nround 0 (decoding, partitioning, first evaluation) ended {offset:.0f} s after the "
-        f"command started; {len(rounds)} rounds in budget, median "
-        f"{sorted(rounds)[len(rounds) // 2] if rounds else float('nan'):.1f} s per round; "
-        f"wall {wall:.0f} s; run directory {out}"
+        f"\ndecoding the {len(class_names) or 4}-class JPEG folders (fresh process): "
+        f"cold cache {cold:.1f} s, warm cache {warm:.1f} s"
     )
-    if a.keep is None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if a.keep is not None:
+        print(f"run directories and logs: {a.keep}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
