@@ -166,16 +166,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    final, best = summary.get("final") or {}, summary.get("best") or {}
-    print(
-        f"finished in {_duration(summary['wall_seconds'])}: final test acc "
-        f"{final.get('accuracy', float('nan')):.4f} auc {final.get('auc', float('nan')):.4f}; "
-        f"best by val auc (round {best.get('round')}): test acc "
-        f"{best.get('accuracy', float('nan')):.4f} auc {best.get('auc', float('nan')):.4f}"
-    )
+    print(f"{summary['status']} in {_duration(summary['wall_seconds'])}")
+    for line in summary_lines(summary):
+        print(f"  {line}")
     for name, ref in (summary.get("benchmark") or {}).items():
         print(f"  published {name} (centralized): acc {ref['acc']:.3f} auc {ref['auc']:.3f}")
     print(f"results in {run_dir}")
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The final and best models' test scores, with their 95% bootstrap intervals
+    where summary.json has them, one line each."""
+    intervals = summary.get("intervals") or {}
+    lines = []
+    for key, label in (("final", "final"), ("best", "best by val auc")):
+        row = summary.get(key) or {}
+        if not row:
+            continue
+        parts = []
+        for metric, name in (("accuracy", "acc"), ("auc", "auc"), ("f1", "macro F1")):
+            value = row.get(metric)
+            text = f"{name} {float('nan') if value is None else value:.4f}"
+            ci = (intervals.get(key) or {}).get(metric)
+            if ci:
+                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            parts.append(text)
+        lines.append(f"{label} (round {row.get('round')}): test " + ", ".join(parts))
+    if intervals:
+        lines.append(
+            f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "
+            f"resamples of the test split (seed {intervals['seed']})"
+        )
+    return lines
 
 
 class _FlowerNoise(logging.Filter):
@@ -366,8 +388,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from medbloom.plots import write_report
 
-    for path in write_report(Path(args.run_dir)):
+    run_dir = Path(args.run_dir)
+    for path in write_report(run_dir):
         print(path)
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        for line in summary_lines(json.loads(summary_file.read_text())):
+            print(line)
     return 0
 
 

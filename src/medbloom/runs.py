@@ -189,6 +189,7 @@ class RunRecorder:
         self.best: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
         self.rows = 0
+        self.intervals: dict[str, Any] | None = None  # bootstrap CIs, set when the run ends
         if resume_round is not None:
             rows = truncate_records(path, resume_round)
             self.rows = len(rows)
@@ -283,6 +284,8 @@ class RunRecorder:
             "best_by": "val_auc",
             **self.spec_summary,
         }
+        if self.intervals:
+            summary["intervals"] = self.intervals
         if error:
             summary["error"] = error
         atomic_write_json(self.path / "summary.json", summary)
