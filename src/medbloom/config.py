@@ -97,6 +97,12 @@ class ExperimentConfig:
     class_weighting: str = _knob(
         "balanced", "loss weights per class from the client's label counts", CLASS_WEIGHTINGS
     )
+    site_eval_every: int = _knob(
+        1,
+        "every N rounds each sampled hospital scores the global model it receives on its "
+        "local validation split, before training (clients.csv: site_*; metrics.csv: "
+        "worst/median site); 0: never",
+    )
     fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
     proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
     server_lr: float = _knob(
@@ -153,6 +159,7 @@ class ExperimentConfig:
             ),
             (self.local_epochs >= 1, "local_epochs", "an integer >= 1"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (self.site_eval_every >= 0, "site_eval_every", "an integer >= 0"),
             (_finite(self.lr) and self.lr > 0, "lr", "a number > 0"),
             (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0"),
             (

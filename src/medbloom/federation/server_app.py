@@ -383,6 +383,9 @@ def sort_replies(
                 "status": "ok",
                 "num_examples": int(_num(m["num-examples"])),
                 "train_loss": _num(m["train_loss"]),
+                "site_accuracy": _num(m.get("site_accuracy", float("nan"))),
+                "site_auc": _num(m.get("site_auc", float("nan"))),
+                "site_loss": _num(m.get("site_loss", float("nan"))),
                 "train_accuracy": _num(m["train_accuracy"]),
                 "lr": _num(m.get("lr", float("nan"))),
                 "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
@@ -392,6 +395,29 @@ def sort_replies(
     for node in missing:
         failure(node, "timeout", "no reply within --round-timeout")
     return out
+
+
+def site_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Worst, median and spread (max - min) of the per-hospital ACC in a round's rows
+    (the global model each hospital received, on its own validation split); NaN when
+    no hospital scored it this round."""
+    accs = [
+        float(r["site_accuracy"])
+        for r in rows
+        if r.get("status") == "ok" and np.isfinite(r.get("site_accuracy", float("nan")))
+    ]
+    if not accs:
+        nan = float("nan")
+        return {
+            "worst_site_accuracy": nan,
+            "median_site_accuracy": nan,
+            "site_accuracy_spread": nan,
+        }
+    return {
+        "worst_site_accuracy": min(accs),
+        "median_site_accuracy": float(np.median(accs)),
+        "site_accuracy_spread": max(accs) - min(accs),
+    }
 
 
 def run_federation(
@@ -471,7 +497,10 @@ def run_federation(
             # this process also draws from: seeding it per round makes the choice
             # depend on (seed, round, live clients) only, also across a resume.
             random.seed(cfg.seed * 1_000_003 + server_round)
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), live)
+            site_eval = cfg.site_eval_every > 0 and server_round % cfg.site_eval_every == 0
+            messages = strategy.configure_train(
+                server_round, arrays, ConfigRecord({"site-eval": site_eval}), live
+            )
             if cfg.batched == "on":
                 from medbloom.federation.batched_round import train_round_batched
 
@@ -504,6 +533,7 @@ def run_federation(
                 "train_accuracy": _num(train_metrics["train_accuracy"])
                 if train_metrics
                 else float("nan"),
+                **site_spread(outcome.rows),
                 "clients_ok": outcome.ok,
                 "clients_failed": outcome.failed,
                 "round_seconds": now - t0,
