@@ -398,6 +398,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from medbloom.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.out)
+    if args.ray_address and args.parallel != 1:
+        raise ConfigError("--parallel is for local sweeps; Ray schedules its own tasks")
+    try:
+        return run_sweep(sweep, parallel=args.parallel, ray_address=args.ray_address)
+    except KeyboardInterrupt:
+        print(f"medbloom: sweep interrupted; run it again to go on ({sweep.out})", file=sys.stderr)
+        return 130
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from medbloom.models import MODELS
 
@@ -493,6 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run every experiment of a grid (e.g. strategy x alpha x seed), resumable",
+        description="Run every experiment of a sweep file's grid, each as `medbloom run`; "
+        "a finished experiment is not run again, a stopped one is resumed. Writes "
+        "sweep.csv, comparison.md (mean +/- std over seeds) and sweep.png.",
+        epilog=EPILOG,
+    )
+    sweep.add_argument("--config", required=True, metavar="FILE", help="the sweep file (TOML)")
+    sweep.add_argument(
+        "--out",
+        metavar="DIR",
+        help="sweep folder (default: [sweep] out, else sweeps/<time>-<name>)",
+    )
+    sweep.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="experiments at a time (default 1)"
+    )
+    sweep.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run the experiments as tasks on this Ray cluster (e.g. 10.0.0.5:6379); "
+        "the sweep folder and data must be where every node sees them",
+    )
+    sweep.set_defaults(func=cmd_sweep)
 
     models = sub.add_parser("models", help="list the models")
     models.set_defaults(func=cmd_models)
