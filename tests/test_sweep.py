@@ -53,7 +53,10 @@ BAD = {
         "[grid]\nstrategy = ['fedavg', 'fedbest']\n",
         "--strategy 'fedbest' is unknown",
     ),
-    "wrong type": ("[grid]\nlocal-epochs = [1, 'many']\n", "local-epochs = 'many' is not a valid int"),
+    "wrong type": (
+        "[grid]\nlocal-epochs = [1, 'many']\n",
+        "local-epochs = 'many' is not a valid int",
+    ),
     "out in grid": ("[grid]\nout = ['a', 'b']\n", "each experiment's folder is the sweep's"),
     "twice": ("[grid]\nrounds = [2, 3]\n", "rounds is in both [base] and [grid]"),
     "same value twice": ("[grid]\nseed = [1, 1]\n", "lists a value twice"),
