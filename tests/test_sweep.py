@@ -121,12 +121,16 @@ def test_the_grid_is_every_combination(tmp_path: Path) -> None:
     assert len({e.id for e in sweep.experiments}) == 12
 
 
-def _fake_summary(run_dir: Path, status: str, acc: float, auc: float, worst: float) -> None:
-    """A run's summary.json as RunRecorder writes it (the fields the sweep reads)."""
+def _fake_run(run_dir: Path, status: str, acc: float, auc: float, worst: float) -> None:
+    """A run's summary.json and metrics.csv as RunRecorder writes them (the fields the
+    sweep reads); the hospitals last scored a model in round 1 (--site-eval-every 1 of
+    a run stopped... or every 2nd round), so round 2's cell is empty."""
     run_dir.mkdir(parents=True)
-    final = {"round": 2, "accuracy": acc, "auc": auc, "f1": acc - 0.1, "worst_site_accuracy": worst}
+    final = {"round": 2, "accuracy": acc, "auc": auc, "f1": acc - 0.1}
     summary = {"status": status, "rounds_completed": 2, "final": final, "wall_seconds": 3.0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    rows = f"round,accuracy,worst_site_accuracy\n0,0.5,\n1,0.6,{worst!r}\n2,{acc!r},\n"
+    (run_dir / "metrics.csv").write_text(rows)
 
 
 def test_comparison_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
@@ -136,7 +140,7 @@ def test_comparison_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     for exp in sweep.experiments:
         s, seed = exp.point["strategy"], exp.point["seed"]
         status = "failed" if (s, seed) == ("fedprox", 2) else "finished"
-        _fake_summary(exp.run_dir(sweep.out), status, accs[s][seed], 0.9, accs[s][seed] - 0.2)
+        _fake_run(exp.run_dir(sweep.out), status, accs[s][seed], 0.9, accs[s][seed] - 0.2)
     rows = result_rows(sweep)
     assert [r["status"] for r in rows].count("finished") == 5
     groups = {g["strategy"]: g for g in grouped(sweep, rows)}

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -188,7 +189,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             value = row.get(metric)
             text = f"{name} {float('nan') if value is None else value:.4f}"
             ci = (intervals.get(key) or {}).get(metric)
-            if ci:
+            if ci and all(isinstance(x, int | float) and math.isfinite(x) for x in ci):
                 text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
             parts.append(text)
         lines.append(f"{label} (round {row.get('round')}): test " + ", ".join(parts))
@@ -404,6 +405,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.out)
     if args.ray_address and args.parallel != 1:
         raise ConfigError("--parallel is for local sweeps; Ray schedules its own tasks")
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the experiments as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return run_sweep(sweep, parallel=args.parallel, ray_address=args.ray_address)
     except KeyboardInterrupt:

@@ -176,7 +176,11 @@ class ExperimentConfig:
                 "a number in [0, 1)",
             ),
             (0 <= self.trimmed_beta < 0.5, "trimmed_beta", "a fraction in [0, 0.5)"),
-            (self.round_timeout > 0, "round_timeout", "a number of seconds > 0"),
+            (
+                _finite(self.round_timeout) and self.round_timeout > 0,
+                "round_timeout",
+                "a number of seconds > 0",
+            ),
             (self.min_clients >= 1, "min_clients", "an integer >= 1"),
             (self.size >= 0, "size", "0 (the data set's default) or a size in pixels"),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),

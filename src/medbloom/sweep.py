@@ -26,31 +26,35 @@ point, and ``OUT/sweep.png`` the same as bars.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from medbloom.config import ExperimentConfig
+from medbloom.data.registry import spec_of
 from medbloom.errors import ConfigError, MedbloomError
-from medbloom.runs import atomic_write_json, atomic_write_text
+from medbloom.experiment import absolute_paths
+from medbloom.runs import atomic_write_json, atomic_write_text, jsonable
 
 SECTIONS = ("sweep", "base", "grid")
 # the scores sweep.csv takes from each experiment's summary.json
-SCORES = ("accuracy", "auc", "f1", "worst_site_accuracy")
+SCORES = ("accuracy", "auc", "f1")
 COMPARED = (
     ("accuracy", "test ACC"),
     ("auc", "test AUC"),
@@ -154,17 +158,23 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)), start=1):
         point = dict(zip(keys, combo, strict=True))
         exp_id = f"{i:03d}-" + "-".join(f"{k}={_label(v)}" for k, v in point.items())
-        config = {**base, **point}
+        source = f"{p}: experiment {exp_id}"
         # wrong types, unknown choices and values out of range, named with the experiment
-        ExperimentConfig.from_mapping(config, f"{p}: experiment {exp_id}").validate()
+        try:
+            cfg = ExperimentConfig.from_mapping({**base, **point}, source).validate()
+            spec_of(cfg.dataset, cfg.size)  # an unknown data set name, without decoding
+        except MedbloomError as exc:
+            message = str(exc)
+            raise ConfigError(
+                message if message.startswith(source) else f"{source}: {message}"
+            ) from None
+        # paths as this machine resolves them: experiments run from other folders (and
+        # on a Ray cluster, on other machines)
+        config = {**base, **point, **{_kebab(k): v for k, v in absolute_paths(cfg).items()}}
         experiments.append(Experiment(exp_id, point, config))
-    folder = out or meta.get("out")
-    if folder:
-        out_dir = Path(str(folder)).expanduser().absolute()
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("sweeps", f"{stamp}-{_label(name)}").absolute()
-    return Sweep(name, out_dir, base, grid, experiments)
+    # the same command finds the same folder again: that is how a sweep goes on
+    folder = out or meta.get("out") or Path("sweeps", _label(name))
+    return Sweep(name, Path(str(folder)).expanduser().absolute(), base, grid, experiments)
 
 
 # --------------------------------------------------------------------------- state
@@ -197,21 +207,51 @@ def _command(exp: Experiment, out: Path) -> list[str]:
 
 
 def _child_env() -> dict[str, str]:
-    # Each experiment's simulation starts its own Ray instance: never the cluster a
-    # sweep task may run in (RAY_ADDRESS would make Flower's ray.init join it).
+    # Each experiment's simulation starts a Ray instance of its own (Flower's ray.init,
+    # see federation/simulation.py): never the cluster a sweep task runs in.
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+_CHILDREN: set[subprocess.Popen[bytes]] = set()
+_CHILDREN_LOCK = threading.Lock()
 
 
 def run_experiment(args: list[str], log_file: str) -> int:
     """Run one experiment's `python -m medbloom run ARGS` with this process's Python (on
-    a Ray cluster: the node's); its output goes to ``log_file``."""
+    a Ray cluster: the node's); its output goes to ``log_file``.
+
+    The experiment runs in a session of its own, so a terminal's Ctrl-C reaches the
+    sweep only, which passes one SIGINT on (:func:`stop_experiments`): the experiment
+    then stops after its current step and can be resumed. Interrupted here (a Ray task
+    cancelled), it is stopped the same way before this returns.
+    """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *args]
     with open(log_file, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
-    return done.returncode
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True
+        )
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+
+
+def stop_experiments() -> None:
+    """Ask every experiment this process started to stop (one SIGINT each)."""
+    with _CHILDREN_LOCK:
+        running = [p for p in _CHILDREN if p.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGINT)
 
 
 def _run_local(
@@ -224,10 +264,11 @@ def _run_local(
         futures = {pool.submit(run_experiment, cmd, log): exp for exp, cmd, log in jobs}
         for future in as_completed(futures):
             report(futures[future], future.result())
+    except BaseException:
+        stop_experiments()  # the running ones stop after their current step...
+        raise
     finally:
-        # on Ctrl-C: the running experiments stop themselves (they got the signal
-        # too); the queued ones must not start
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # ...and the queued ones never start
 
 
 def _connect_ray(address: str) -> None:
@@ -248,7 +289,14 @@ def _connect_ray(address: str) -> None:
                 "(expected HOST:PORT of a running cluster's head, e.g. from `ray start --head`)"
             ) from None
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            # Ray hides GPUs from a task that asks for none; the experiment's own
+            # simulation decides what it uses
+            runtime_env={"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}},
+        )
     except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MedbloomError(f"--ray-address {address}: cannot connect to Ray: {first}") from None
@@ -257,18 +305,35 @@ def _connect_ray(address: str) -> None:
 def _run_ray(
     jobs: list[tuple[Experiment, list[str], str]], report: Callable[[Experiment, int], None]
 ) -> None:
-    """Each experiment as a Ray task on the connected cluster (one CPU's worth of
-    scheduling; its simulation uses what the node has). Every node needs medbloom
+    """Each experiment as a Ray task on the connected cluster. A task reserves as many
+    CPUs as the smallest node has, so a node runs one experiment at a time (each
+    experiment's simulation uses every core of its node). Every node needs medbloom
     installed and must see the sweep folder and the data at the same paths."""
     import ray
+    from ray.exceptions import RayError
 
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(run_experiment)
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        cpus = min(
+            (float(n["Resources"].get("CPU", 1.0)) for n in nodes if n.get("Alive")), default=1.0
+        )
+        task = ray.remote(num_cpus=max(cpus, 1.0), max_retries=0)(run_experiment)
         pending = {task.remote(cmd, log): exp for exp, cmd, log in jobs}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            exp = pending.pop(ready[0])
-            report(exp, int(ray.get(ready[0])))
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                exp = pending.pop(ready[0])
+                try:
+                    code = int(ray.get(ready[0]))
+                except RayError as exc:  # a lost node, a worker that died
+                    print(f"{exp.id}: Ray task failed: {str(exc).splitlines()[0]}", file=sys.stderr)
+                    code = -1
+                report(exp, code)
+        except BaseException:
+            for ref in pending:  # running tasks stop their experiment (see run_experiment)
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=120)
+            raise
     finally:
         ray.shutdown()
 
@@ -285,9 +350,12 @@ def run_sweep(
         raise ConfigError(f"--parallel {parallel}: expected an integer >= 1")
     out = sweep.out
     spec_file = out / "sweep.json"
+    record = jsonable(
+        {"spec": sweep.spec(), "experiments": [{"id": e.id, **e.point} for e in sweep.experiments]}
+    )
     if spec_file.is_file():
-        recorded = json.loads(spec_file.read_text())
-        if recorded.get("spec") != json.loads(json.dumps(sweep.spec())):
+        # the same settings and the same experiment folders (the grid in the same order)
+        if json.loads(spec_file.read_text()) != json.loads(json.dumps(record)):
             raise ConfigError(
                 f"{out} holds another sweep (its sweep.json differs); give a new --out"
             )
@@ -296,10 +364,28 @@ def run_sweep(
     if ray_address:
         _connect_ray(ray_address)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        spec_file,
-        {"spec": sweep.spec(), "experiments": [{"id": e.id, **e.point} for e in sweep.experiments]},
-    )
+    with _sweep_lock(out):
+        atomic_write_json(spec_file, record)
+        return _run_all(sweep, parallel, ray_address, stream)
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path) -> Iterator[None]:
+    """One sweep at a time in a folder: two would resume the same experiment twice."""
+    import fcntl
+
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another sweep is running in {out}; wait for it or stop it"
+            ) from None
+        yield
+
+
+def _run_all(sweep: Sweep, parallel: int, ray_address: str | None, stream: Any) -> int:
+    out = sweep.out
     todo = [e for e in sweep.experiments if experiment_status(e.run_dir(out)) != "finished"]
     print(
         f"sweep {sweep.name}: {len(sweep.experiments)} experiments, "
@@ -345,8 +431,21 @@ def _summary(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _last_worst_site(run_dir: Path) -> float:
+    """The worst hospital's ACC the last time the hospitals scored a global model
+    (metrics.csv; with --site-eval-every N not every row has one)."""
+    from medbloom.runs import read_metrics
+
+    for row in reversed(read_metrics(run_dir)):
+        value = row.get("worst_site_accuracy")
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
+    return float("nan")
+
+
 def result_rows(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per experiment: its grid values, status and final scores."""
+    """One row per experiment: its grid values, status, final test scores and the
+    worst hospital's ACC of the last global model the hospitals scored."""
     rows = []
     for exp in sweep.experiments:
         summary = _summary(exp.run_dir(sweep.out))
@@ -357,6 +456,7 @@ def result_rows(sweep: Sweep) -> list[dict[str, Any]]:
         for key in SCORES:
             value = final.get(key)
             row[key] = float(value) if isinstance(value, int | float) else float("nan")
+        row["worst_site_accuracy"] = _last_worst_site(exp.run_dir(sweep.out))
         row["wall_seconds"] = summary.get("wall_seconds")
         row["run_dir"] = str(exp.run_dir(sweep.out))
         rows.append(row)

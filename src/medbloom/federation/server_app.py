@@ -541,14 +541,13 @@ def run_federation(
                 "elapsed_seconds": done - started,
             }
             _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
+        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
         status = "finished"
-        recorder.intervals = evaluator.intervals(run_dir, cfg.seed)
         return row
     except RunInterrupted as exc:
         status, error = "interrupted", str(exc)
         log.warning("run interrupted after %d recorded rounds", max(recorder.rows - 1, 0))
-        if evaluator.last_probs is not None:
-            recorder.intervals = evaluator.intervals(run_dir, cfg.seed)
+        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -562,6 +561,18 @@ def run_federation(
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
+
+
+def _intervals(evaluator: Evaluator, run_dir: Path, seed: int) -> dict[str, Any] | None:
+    """The bootstrap intervals for summary.json; a problem is logged, never fatal to a
+    run whose rounds are all recorded."""
+    if evaluator.last_probs is None:
+        return None
+    try:
+        return evaluator.intervals(run_dir, seed)
+    except Exception as exc:
+        log.warning("could not compute the confidence intervals: %s", exc)
+        return None
 
 
 def _write_plots(run_dir: Path) -> None:
