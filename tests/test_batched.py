@@ -210,9 +210,13 @@ def test_batched_run_equals_sequential_run(tmp_path: Path) -> None:
         (r["round"], r["client_id"], r["num_examples"]) for r in c_off
     ]
     assert all(r["status"] == "ok" for r in c_on)
+    # each hospital scored the global model it received, the same way in both modes
+    for a, b in zip(c_on, c_off, strict=True):
+        for col in ("site_accuracy", "site_loss"):
+            assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-4, abs=1e-5), col
     for k in w_off:
         torch.testing.assert_close(w_on[k], w_off[k], atol=1e-4, rtol=1e-4, msg=k)
     for a, b in zip(m_on, m_off, strict=True):
-        for col in ("loss", "train_loss", "val_loss"):
+        for col in ("loss", "train_loss", "val_loss", "worst_site_accuracy"):
             if a[col]:
                 assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-4, abs=1e-5), col

@@ -372,6 +372,15 @@ def test_cosine_anneals_over_the_rounds() -> None:
     assert ExperimentConfig(lr=0.01, rounds=1, lr_schedule="cosine").round_lr(1) == 0.01
 
 
+def test_auto_schedule_is_the_data_set_s() -> None:
+    assert ExperimentConfig().schedule() == "constant"  # MedMNIST
+    assert ExperimentConfig(lr=0.01, rounds=4).round_lr(4) == 0.01
+    for dataset in ("brain-tumor-mri", "folder:/data/scans"):
+        cfg = ExperimentConfig(dataset=dataset, lr=0.01, rounds=4)
+        assert cfg.schedule() == "cosine" and cfg.round_lr(3) == pytest.approx(0.005)
+        assert cfg.replace(lr_schedule="constant").round_lr(3) == 0.01  # asked for: kept
+
+
 def test_unknown_schedule_is_refused() -> None:
     with pytest.raises(ConfigError, match="--lr-schedule 'step' is unknown"):
         ExperimentConfig(lr_schedule="step").validate()

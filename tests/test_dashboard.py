@@ -173,17 +173,29 @@ class RunWriter:
                         "train_loss": 0.8 - 0.05 * rnd + 0.02 * p.client_id,
                         "train_accuracy": 0.6 + 0.03 * rnd,
                         "local_val_accuracy": 0.62 + 0.03 * rnd,
+                        "site_accuracy": self._site(rnd, p.client_id),
                         "seconds": 0.5 + 0.1 * p.client_id,
                     }
                     for p in self.parts
                 ]
             )
+        row = _metrics_row(rnd, self.rounds, self.rng)
+        if rnd > 0:
+            sites = [self._site(rnd, p.client_id) for p in self.parts]
+            row["worst_site_accuracy"] = min(sites)
+            row["median_site_accuracy"] = float(np.median(sites))
+            row["site_accuracy_spread"] = max(sites) - min(sites)
         self.recorder.record_round(
-            _metrics_row(rnd, self.rounds, self.rng),
+            row,
             {"w": torch.zeros(2)},
             _per_class(self.spec["class_names"], self.rng),
         )
         self.done = rnd
+
+    @staticmethod
+    def _site(rnd: int, client_id: int) -> float:
+        """Hospital ``client_id``'s ACC of the global model it received in ``rnd``."""
+        return round(0.5 + 0.04 * rnd - 0.05 * client_id, 4)
 
     def fail(self) -> None:
         """A round whose clients all fail, then the run fails as the server records it."""
@@ -392,6 +404,9 @@ def test_running_run(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(per_class) == 7
     hospitals = next(df for df in _frames(at) if "rounds ok" in df.columns)
     assert list(hospitals["rounds ok"]) == [4, 4, 4, 4]
+    # the per-hospital panel: the global model on each hospital's validation split
+    assert list(hospitals["site ACC"]) == pytest.approx([0.66, 0.61, 0.56, 0.51])
+    assert "worst hospital ACC **0.510**, median 0.585" in texts
     assert "melanoma" in hospitals.columns
 
 

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.clientapp import ClientApp
@@ -69,9 +70,37 @@ def _check_run(run_dir: Path, rounds: int, clients: int) -> list[dict[str, str]]
         assert math.isfinite(float(r["loss"])) and math.isfinite(float(r["train_loss"]))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == rounds
+    # 95% bootstrap intervals around the final and best models' test scores
+    ci = summary["intervals"]
+    assert (ci["level"], ci["resamples"]) == (0.95, 1000)
+    for key in ("final", "best"):
+        for metric in ("accuracy", "auc", "f1"):
+            lo, hi = ci[key][metric]
+            point = summary[key][metric]
+            assert lo - 1e-9 <= point <= hi + 1e-9 or math.isnan(lo), (key, metric, lo, hi)
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     return rows
+
+
+def _check_sites(rows: list[dict[str, str]], client_rows: list[dict[str, str]], every: int) -> None:
+    """Every hospital sampled in a round of site evaluation (each ``every``-th) scored
+    the global model it received on its own validation split; metrics.csv's worst,
+    median and spread are those scores'."""
+    assert rows[0]["worst_site_accuracy"] == ""  # round 0: nobody has received a model
+    for row in rows[1:]:
+        rnd = int(row["round"])
+        mine = [r for r in client_rows if int(r["round"]) == rnd and r["status"] == "ok"]
+        if rnd % every:  # NaN is written as an empty cell
+            assert all(r["site_accuracy"] == "" for r in mine) and mine
+            assert row["worst_site_accuracy"] == row["site_accuracy_spread"] == ""
+            continue
+        accs = [float(r["site_accuracy"]) for r in mine]
+        assert accs and all(0 <= a <= 1 for a in accs)
+        assert all(math.isfinite(float(r["site_loss"])) for r in mine)
+        assert float(row["worst_site_accuracy"]) == pytest.approx(min(accs))
+        assert float(row["median_site_accuracy"]) == pytest.approx(float(np.median(accs)))
+        assert float(row["site_accuracy_spread"]) == pytest.approx(max(accs) - min(accs))
 
 
 # Each data set kind runs with a different strategy, so that every strategy and every
@@ -82,7 +111,7 @@ CASES = [
     ("organmnist3d", "fedadam", {}),  # 3D convolutions
     ("bloodmnist", "fedmedian", {"lr_schedule": "cosine"}),  # RGB, 8 classes
     ("retinamnist", "krum", {}),  # ordinal regression
-    ("pneumoniamnist", "fedyogi", {"partition": "iid"}),
+    ("pneumoniamnist", "fedyogi", {"partition": "iid", "site_eval_every": 2}),
     ("pneumoniamnist", "fedavgm", {"partition": "pathological", "classes_per_client": 1}),
     ("pneumoniamnist", "fedtrimmedavg", {"fraction_train": 0.67}),
 ]
@@ -112,6 +141,7 @@ def test_federation_runs(
     assert [float(r["lr"]) for r in client_rows] == pytest.approx(
         [lr[int(r["round"]) - 1] for r in client_rows]
     )
+    _check_sites(rows, client_rows, every=int(str(extra.get("site_eval_every", 1))))
     # the global model changed: aggregation produced new weights
     assert rows[1]["loss"] != rows[0]["loss"] or rows[2]["loss"] != rows[0]["loss"]
 

@@ -151,6 +151,13 @@ def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     rows = _rows(out)
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert all(r["clients_ok"] == "3" for r in rows[1:])
+    # each hospital process scored the global model it received on its own validation
+    # data, and the server summarised those scores
+    clients = _rows(out, "clients.csv")
+    assert len(clients) == 6 and all(0 <= float(r["site_accuracy"]) <= 1 for r in clients)
+    for row in rows[1:]:
+        accs = [float(r["site_accuracy"]) for r in clients if r["round"] == row["round"]]
+        assert float(row["worst_site_accuracy"]) == pytest.approx(min(accs))
     pids = json.loads((out / "flwr" / "pids.json").read_text())
     for name in ("superlink", "client_0", "client_1", "client_2", "server", "flwr-run"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0, name

@@ -17,6 +17,7 @@ from sklearn.metrics import (
 
 from medbloom.metrics import (
     METRIC_NAMES,
+    bootstrap_intervals,
     evaluate_scores,
     medmnist_acc,
     medmnist_auc,
@@ -219,3 +220,73 @@ def test_per_class_report_multilabel() -> None:
         recall_score(y, pred, average=None, zero_division=0).tolist()
     )
     assert len(report["f1"]) == 14
+
+
+# ------------------------------------------------------------ bootstrap intervals
+def test_bootstrap_accuracy_matches_the_binomial_interval() -> None:
+    """90 of 400 binary cases wrong: ACC 0.775, whose 95% interval is about
+    0.775 +/- 1.96 * sqrt(0.775 * 0.225 / 400) = [0.734, 0.816]."""
+    y = np.array([0, 1] * 200)
+    score = np.where(y == 1, 0.8, 0.2)
+    score[:90] = 1 - score[:90]  # these 90 are predicted wrong
+    probs = np.stack([1 - score, score], axis=1)
+    ci = bootstrap_intervals(y, probs, "binary-class", resamples=2000, seed=1)
+    half = 1.96 * math.sqrt(0.775 * 0.225 / 400)
+    assert ci["accuracy"][0] == pytest.approx(0.775 - half, abs=0.01)
+    assert ci["accuracy"][1] == pytest.approx(0.775 + half, abs=0.01)
+    assert ci["accuracy"][0] < 0.775 < ci["accuracy"][1]
+
+
+def test_bootstrap_of_a_perfect_model_is_a_point() -> None:
+    y = np.array([0, 1, 2, 3] * 25)
+    probs = np.eye(4)[y] * 0.9 + 0.025
+    ci = bootstrap_intervals(y, probs, "multi-class", resamples=200)
+    assert ci == {"accuracy": [1.0, 1.0], "auc": [1.0, 1.0], "f1": [1.0, 1.0]}
+
+
+@pytest.mark.parametrize("task", ["binary-class", "multi-class", MULTI_LABEL])
+def test_bootstrap_brackets_the_point_estimate_and_is_seeded(task: str) -> None:
+    rng = np.random.default_rng(5)
+    n, k = 300, (2 if task == "binary-class" else 5)
+    if task == MULTI_LABEL:
+        y = (rng.random((n, k)) < 0.3).astype(np.int64)
+        probs = np.clip(0.4 * y + rng.random((n, k)) * 0.6, 0, 1).round(2)  # ties too
+    else:
+        y = rng.integers(0, k, n)
+        probs = rng.random((n, k))
+        probs[np.arange(n), y] += 0.6
+        probs = (probs / probs.sum(axis=1, keepdims=True)).round(2)
+    point = evaluate_scores(y, probs, task)
+    ci = bootstrap_intervals(y, probs, task, resamples=500, seed=3)
+    for metric in ("accuracy", "auc", "f1"):
+        lo, hi = ci[metric]
+        assert lo < point[metric] < hi, (metric, lo, point[metric], hi)
+        assert hi - lo < 0.25
+    assert ci == bootstrap_intervals(y, probs, task, resamples=500, seed=3)
+    assert ci != bootstrap_intervals(y, probs, task, resamples=500, seed=4)
+    narrow = bootstrap_intervals(y, probs, task, resamples=500, level=0.5, seed=3)
+    assert all(narrow[m][1] - narrow[m][0] < ci[m][1] - ci[m][0] for m in ci)
+
+
+def test_resampled_auc_equals_scikit_learn_s() -> None:
+    """The one-sort AUC of a resample is scikit-learn's AUC of that resample (ties too)."""
+    from sklearn.metrics import roc_auc_score
+
+    from medbloom.metrics import _WeightedAUC
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200).astype(bool)
+    s = (rng.random(200) + 0.3 * y).round(1)
+    auc = _WeightedAUC(y, s)
+    for _ in range(5):
+        idx = rng.integers(0, 200, 200)
+        expected = roc_auc_score(y[idx], s[idx])
+        assert auc(np.bincount(idx, minlength=200)) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(auc(np.bincount(np.flatnonzero(y), minlength=200)))  # positives only
+
+
+def test_bootstrap_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_intervals(np.array([]), np.zeros((0, 2)), "binary-class")
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals(np.array([0, 1]), np.eye(2), "binary-class", level=1.5)

@@ -342,6 +342,21 @@ def test_recorder_client_rows(run_dir: Path, cfg: ExperimentConfig) -> None:
     assert rows[1]["num_examples"] == ""
 
 
+def test_a_file_with_older_columns_keeps_its_columns(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """A run begun by an older medbloom (without the site columns) and resumed by this
+    one: the new rows line up with the file's own header."""
+    old = [c for c in METRICS_COLUMNS if "site" not in c]
+    rec = RunRecorder(run_dir, cfg, SPEC_SUMMARY)
+    rec.close("interrupted")
+    (run_dir / "metrics.csv").write_text(",".join(old) + "\n")
+    rec = RunRecorder(run_dir, cfg, SPEC_SUMMARY)
+    rec.record_round(_row(1, 0.6, worst_site_accuracy=0.4), _state(1))
+    rec.close("finished")
+    header, rows = _metrics(run_dir)
+    assert header == old and len(rows) == 1
+    assert rows[0]["val_auc"] == "0.6" and rows[0]["accuracy"] == repr(0.81)
+
+
 def test_recorder_appends_to_an_existing_metrics_file(run_dir: Path, cfg: ExperimentConfig) -> None:
     rec = RunRecorder(run_dir, cfg, SPEC_SUMMARY)
     rec.record_round(_row(0, 0.5), _state(0))

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -166,16 +167,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    final, best = summary.get("final") or {}, summary.get("best") or {}
-    print(
-        f"finished in {_duration(summary['wall_seconds'])}: final test acc "
-        f"{final.get('accuracy', float('nan')):.4f} auc {final.get('auc', float('nan')):.4f}; "
-        f"best by val auc (round {best.get('round')}): test acc "
-        f"{best.get('accuracy', float('nan')):.4f} auc {best.get('auc', float('nan')):.4f}"
-    )
+    print(f"{summary['status']} in {_duration(summary['wall_seconds'])}")
+    for line in summary_lines(summary):
+        print(f"  {line}")
     for name, ref in (summary.get("benchmark") or {}).items():
         print(f"  published {name} (centralized): acc {ref['acc']:.3f} auc {ref['auc']:.3f}")
     print(f"results in {run_dir}")
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The final and best models' test scores, with their 95% bootstrap intervals
+    where summary.json has them, one line each."""
+    intervals = summary.get("intervals") or {}
+    lines = []
+    for key, label in (("final", "final"), ("best", "best by val auc")):
+        row = summary.get(key) or {}
+        if not row:
+            continue
+        parts = []
+        for metric, name in (("accuracy", "acc"), ("auc", "auc"), ("f1", "macro F1")):
+            value = row.get(metric)
+            text = f"{name} {float('nan') if value is None else value:.4f}"
+            ci = (intervals.get(key) or {}).get(metric)
+            if ci and all(isinstance(x, int | float) and math.isfinite(x) for x in ci):
+                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            parts.append(text)
+        lines.append(f"{label} (round {row.get('round')}): test " + ", ".join(parts))
+    if intervals:
+        lines.append(
+            f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "
+            f"resamples of the test split (seed {intervals['seed']})"
+        )
+    return lines
 
 
 class _FlowerNoise(logging.Filter):
@@ -366,9 +389,32 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from medbloom.plots import write_report
 
-    for path in write_report(Path(args.run_dir)):
+    run_dir = Path(args.run_dir)
+    for path in write_report(run_dir):
         print(path)
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        for line in summary_lines(json.loads(summary_file.read_text())):
+            print(line)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from medbloom.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.out)
+    if args.ray_address and args.parallel != 1:
+        raise ConfigError("--parallel is for local sweeps; Ray schedules its own tasks")
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the experiments as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run_sweep(sweep, parallel=args.parallel, ray_address=args.ray_address)
+    except KeyboardInterrupt:
+        print(f"medbloom: sweep interrupted; run it again to go on ({sweep.out})", file=sys.stderr)
+        return 130
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -466,6 +512,31 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run every experiment of a grid (e.g. strategy x alpha x seed), resumable",
+        description="Run every experiment of a sweep file's grid, each as `medbloom run`; "
+        "a finished experiment is not run again, a stopped one is resumed. Writes "
+        "sweep.csv, comparison.md (mean +/- std over seeds) and sweep.png.",
+        epilog=EPILOG,
+    )
+    sweep.add_argument("--config", required=True, metavar="FILE", help="the sweep file (TOML)")
+    sweep.add_argument(
+        "--out",
+        metavar="DIR",
+        help="sweep folder (default: [sweep] out, else sweeps/<time>-<name>)",
+    )
+    sweep.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="experiments at a time (default 1)"
+    )
+    sweep.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run the experiments as tasks on this Ray cluster (e.g. 10.0.0.5:6379); "
+        "the sweep folder and data must be where every node sees them",
+    )
+    sweep.set_defaults(func=cmd_sweep)
 
     models = sub.add_parser("models", help="list the models")
     models.set_defaults(func=cmd_models)

@@ -8,6 +8,7 @@ class 1 with a 0.5 threshold, as ``medmnist.evaluator.getACC`` and ``getAUC`` do
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -134,3 +135,111 @@ def per_class_report(
     if task != MULTI_LABEL:
         report["confusion_matrix"] = confusion_matrix(y_true, pred, labels=np.arange(n)).tolist()
     return report
+
+
+BOOTSTRAP_METRICS = ("accuracy", "auc", "f1")
+
+
+class _WeightedAUC:
+    """ROC AUC of one binary label under many resamples, after one sort.
+
+    A resample with replacement is the original set with a count per sample, so its
+    AUC (Mann-Whitney, ties counted half, as scikit-learn's) follows from the counts of
+    positives and negatives at each distinct score: no re-sorting per resample.
+    """
+
+    def __init__(self, y: np.ndarray, s: np.ndarray) -> None:
+        order = np.argsort(s, kind="stable")
+        self.order, self.pos = order, np.asarray(y, dtype=bool)[order]
+        sorted_s = s[order]
+        self.starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+
+    def __call__(self, counts: np.ndarray) -> float:
+        w = counts[self.order].astype(np.float64)
+        p = np.add.reduceat(np.where(self.pos, w, 0.0), self.starts)
+        q = np.add.reduceat(np.where(self.pos, 0.0, w), self.starts)
+        npos, nneg = p.sum(), q.sum()
+        if npos == 0 or nneg == 0:
+            return float("nan")
+        below = np.cumsum(q) - q  # negatives scored strictly lower
+        return float((p * (below + 0.5 * q)).sum() / (npos * nneg))
+
+
+def _macro_f1(y_true: np.ndarray, pred: np.ndarray, n_labels: int, multi_label: bool) -> float:
+    if multi_label:
+        tp = (pred & y_true).sum(axis=0)
+        fp = (pred & ~y_true).sum(axis=0)
+        fn = (~pred & y_true).sum(axis=0)
+    else:
+        idx = np.arange(n_labels)[:, None]
+        t, p = y_true[None, :] == idx, pred[None, :] == idx
+        tp, fp, fn = (t & p).sum(axis=1), (~t & p).sum(axis=1), (t & ~p).sum(axis=1)
+    denom = 2 * tp + fp + fn
+    # scikit-learn's zero_division=0: a class never true nor predicted scores 0
+    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+
+
+def _auc_of_resamples(y_true: np.ndarray, y_score: np.ndarray, task: str) -> Any:
+    """A function of a resample's per-sample counts giving its MedMNIST AUC."""
+    if task == MULTI_LABEL:
+        labels = [_WeightedAUC(y_true[:, i], y_score[:, i]) for i in range(y_true.shape[1])]
+    elif task == "binary-class":
+        labels = [_WeightedAUC(y_true == 1, y_score[:, -1])]
+    else:
+        labels = [_WeightedAUC(y_true == i, y_score[:, i]) for i in range(y_score.shape[1])]
+    return lambda counts: float(np.mean([auc(counts) for auc in labels]))
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    task: str,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of test ACC, AUC and macro F1.
+
+    ``resamples`` times, the test set is drawn again with replacement (seeded: the same
+    ``seed`` gives the same intervals) and the three metrics are computed on the draw;
+    the interval is the central ``level`` of those values (2.5th to 97.5th percentile
+    for 95%). A draw in which a class is missing has no AUC for it and is left out of
+    the AUC interval, as MedMNIST's AUC is undefined there. The point estimates are
+    :func:`evaluate_scores`'; macro F1 here is scikit-learn's ``f1_score(average=
+    "macro", zero_division=0)`` over the classes (labels) of the task.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    n = len(y_true)
+    if n == 0:
+        raise ValueError("cannot bootstrap an empty set")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level {level} must be in (0, 1) and resamples {resamples} >= 1")
+    if task != MULTI_LABEL:
+        y_true = y_true.reshape(-1).astype(np.int64)
+    pred = predictions(y_score, task)
+    if task == MULTI_LABEL:
+        y_true, pred = y_true.astype(bool), pred.astype(bool)
+        hits = (y_true == pred).mean(axis=1)
+    else:
+        hits = (y_true == pred).astype(np.float64)
+    k = y_score.shape[1] if task != "binary-class" else 2
+    auc = _auc_of_resamples(y_true, y_score, task)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in BOOTSTRAP_METRICS}
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        draws["accuracy"].append(float(hits[idx].mean()))
+        draws["auc"].append(auc(np.bincount(idx, minlength=n)))
+        draws["f1"].append(_macro_f1(y_true[idx], pred[idx], k, task == MULTI_LABEL))
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for name, values in draws.items():
+        v = np.asarray(values)
+        v = v[np.isfinite(v)]
+        out[name] = (
+            [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+            if len(v)
+            else [float("nan"), float("nan")]
+        )
+    return out

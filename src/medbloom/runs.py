@@ -42,6 +42,9 @@ METRICS_COLUMNS = (
     "val_loss",
     "val_accuracy",
     "val_auc",
+    "worst_site_accuracy",
+    "median_site_accuracy",
+    "site_accuracy_spread",
     "clients_ok",
     "clients_failed",
     "round_seconds",
@@ -54,6 +57,9 @@ CLIENT_COLUMNS = (
     "node_id",
     "status",
     "num_examples",
+    "site_accuracy",
+    "site_auc",
+    "site_loss",
     "train_loss",
     "train_accuracy",
     "lr",
@@ -103,7 +109,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -117,14 +123,14 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         raise
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """NaN and infinities become null: JSON has no spelling for them."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -189,6 +195,7 @@ class RunRecorder:
         self.best: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
         self.rows = 0
+        self.intervals: dict[str, Any] | None = None  # bootstrap CIs, set when the run ends
         if resume_round is not None:
             rows = truncate_records(path, resume_round)
             self.rows = len(rows)
@@ -202,6 +209,13 @@ class RunRecorder:
     def _open_csv(self, name: str, columns: tuple[str, ...]) -> tuple[Any, csv.DictWriter[str]]:
         file = self.path / name
         new = not file.exists()
+        if not new:
+            # a resumed run keeps the columns its file has (a run begun by an older
+            # medbloom may lack newer ones): rows must line up with the header
+            with file.open(newline="", encoding="utf-8") as existing:
+                header = next(csv.reader(existing), None)
+            columns = tuple(header) if header else columns
+            new = header is None
         fh = file.open("a", newline="", encoding="utf-8")
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:
@@ -241,7 +255,7 @@ class RunRecorder:
         if per_class:
             with (self.path / "per_class.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(
-                    json.dumps(_jsonable({"round": row["round"], "split": "test", **per_class}))
+                    json.dumps(jsonable({"round": row["round"], "split": "test", **per_class}))
                 )
                 fh.write("\n")
         self._append(self._metrics, row)
@@ -283,6 +297,8 @@ class RunRecorder:
             "best_by": "val_auc",
             **self.spec_summary,
         }
+        if self.intervals:
+            summary["intervals"] = self.intervals
         if error:
             summary["error"] = error
         atomic_write_json(self.path / "summary.json", summary)

@@ -181,6 +181,9 @@ CLIENT_COLUMNS = (
     "node_id",
     "status",
     "num_examples",
+    "site_accuracy",
+    "site_auc",
+    "site_loss",
     "train_loss",
     "train_accuracy",
     "local_val_accuracy",
@@ -196,7 +199,8 @@ def clients_frame(run: RunData) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     df["status"] = df["status"].fillna("").astype(str)
-    df["train_loss"] = pd.to_numeric(df["train_loss"], errors="coerce")
+    for col in ("train_loss", "site_accuracy", "site_auc", "site_loss"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     df["hospital"] = [
         hospital_label(c, n) for c, n in zip(df["client_id"], df["node_id"], strict=True)
     ]
@@ -229,6 +233,8 @@ def hospitals_frame(run: RunData) -> pd.DataFrame:
         row["rounds failed"] = len(mine) - len(ok)
         last_loss = ok["train_loss"].dropna()
         row["last train loss"] = float(last_loss.iloc[-1]) if len(last_loss) else None
+        site = ok["site_accuracy"].dropna()
+        row["site ACC"] = float(site.iloc[-1]) if len(site) else None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -565,6 +571,7 @@ def show_hospitals(run: RunData) -> None:
         right.altair_chart(chart, width="stretch")
     else:
         right.caption("No hospital has reported a round yet (clients.csv is empty).")
+    show_sites(run, clients)
     if run.partitions:
         st.markdown("**Hospitals**")
         st.dataframe(
@@ -586,6 +593,57 @@ def show_hospitals(run: RunData) -> None:
         st.markdown("**Failed replies**")
         cols = [c for c in ("round", "hospital", "node_id", "error") if c in failed]
         st.dataframe(failed[cols], hide_index=True, width="stretch")
+
+
+def sites_frame(run: RunData, clients: pd.DataFrame) -> pd.DataFrame:
+    """Per round, each hospital's ACC of the global model it received (on its own
+    validation split), and the worst and median hospital from metrics.csv."""
+    ok = clients[clients["status"] == "ok"].dropna(subset=["site_accuracy"])
+    parts = [
+        pd.DataFrame({"round": ok["round"], "line": ok["hospital"], "value": ok["site_accuracy"]})
+    ]
+    metrics = metrics_frame(run)
+    for col, name in (
+        ("worst_site_accuracy", "worst hospital"),
+        ("median_site_accuracy", "median hospital"),
+    ):
+        if col in metrics:
+            values = pd.to_numeric(metrics[col], errors="coerce")
+            keep = values.notna()
+            parts.append(
+                pd.DataFrame({"round": metrics["round"][keep], "line": name, "value": values[keep]})
+            )
+    return pd.concat(parts, ignore_index=True)
+
+
+def show_sites(run: RunData, clients: pd.DataFrame) -> None:
+    """The per-hospital panel: does the shared model work on each hospital's patients?"""
+    data = sites_frame(run, clients)
+    st.markdown("**The global model on each hospital's own validation data**")
+    if data.empty:
+        st.caption(
+            "No hospital has scored the global model yet (each does so before it trains, "
+            "every --site-eval-every rounds; 0 turns it off)."
+        )
+        return
+    last = data[data["round"] == data["round"].max()]
+    by_line = dict(zip(last["line"], last["value"], strict=True))
+    if "worst hospital" in by_line:
+        st.markdown(
+            f"Round {int(last['round'].iloc[0])}: worst hospital ACC "
+            f"**{by_line['worst hospital']:.3f}**, median {by_line['median hospital']:.3f} "
+            "(the global model each sampled hospital received, before it trained)."
+        )
+    st.altair_chart(
+        line_chart(
+            data,
+            title="",
+            y_title="site ACC",
+            color="line",
+            legend="right" if data["line"].nunique() <= 30 else None,
+        ),
+        width="stretch",
+    )
 
 
 def partition_chart(run: RunData) -> alt.LayerChart:

@@ -68,6 +68,11 @@ def resolve_size(name: str, size: int) -> int:
     return size or default_size(name)
 
 
+def is_folder_set(name: str) -> bool:
+    """Brain Tumor MRI or ``folder:PATH``: JPEG/PNG class folders rather than MedMNIST."""
+    return name == BRAIN_TUMOR_MRI or name.startswith(FOLDER_PREFIX)
+
+
 def dataset_names() -> list[str]:
     """Every name ``--dataset`` accepts (``folder:PATH`` aside)."""
     return [*medmnist.flags(), BRAIN_TUMOR_MRI]

@@ -14,6 +14,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from medbloom.batched import train_clients_batched
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import client_data
+from medbloom.federation.client_app import site_scores
 from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
@@ -37,6 +38,7 @@ def train_round_batched(
     model = build_model(cfg.model, spec, freeze=cfg.freeze)
     layout = Layout.of(state_arrays(model))
     load_arrays(model, layout.unpack(messages[0].content.array_records["arrays"]))
+    sites = [site_scores(model, d, device, None) if config.get("site-eval") else {} for d in data]
     results = train_clients_batched(
         model,
         [(d.train.x, d.train.y, d.weights) for d in data],
@@ -52,7 +54,7 @@ def train_round_batched(
     )
     replies = []
     seconds = (time.perf_counter() - started) / len(messages)
-    for msg, pid, d, (state, res) in zip(messages, pids, data, results, strict=True):
+    for msg, pid, d, site, (state, res) in zip(messages, pids, data, sites, results, strict=True):
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "train_loss": res.train_loss,
             "train_accuracy": res.train_accuracy,
@@ -60,6 +62,7 @@ def train_round_batched(
             "num-examples": res.num_examples,
             "partition-id": pid,
             "seconds": seconds,
+            **site,
         }
         if len(d.val):
             load_arrays(model, state)

@@ -14,9 +14,9 @@ from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
-from medbloom.experiment import client_data
+from medbloom.experiment import ClientData, client_data
 from medbloom.federation.wire import Layout
-from medbloom.metrics import medmnist_acc
+from medbloom.metrics import medmnist_acc, medmnist_auc
 from medbloom.models import build_model
 from medbloom.training import (
     client_seed,
@@ -50,6 +50,24 @@ def _augmenter(kind: str, spec: DatasetSpec) -> Callable[[torch.Tensor], torch.T
 
     # OrganMNIST labels name body sides (left/right kidney, lung, femur): no flips there.
     return make_augmenter(kind, spec.spatial_dims, flip=not spec.name.startswith("organ"))
+
+
+def site_scores(
+    model: nn.Module, data: ClientData, device: torch.device, amp: torch.dtype | None
+) -> dict[str, float]:
+    """The model as it is now (the global model just received) on this hospital's local
+    validation split: ``site_accuracy``, ``site_auc`` (NaN where the split lacks a
+    class) and ``site_loss``; nothing when the hospital keeps no validation split."""
+    if not len(data.val):
+        return {}
+    probs, loss = predict(
+        model, data.val.x, data.val.y, data.spec.task, device=device, amp_dtype=amp
+    )
+    return {
+        "site_accuracy": medmnist_acc(data.val.labels, probs, data.spec.task),
+        "site_auc": medmnist_auc(data.val.labels, probs, data.spec.task),
+        "site_loss": loss,
+    }
 
 
 def node_config_of(
@@ -88,6 +106,8 @@ def train_on_message(
     server_round = int(cast(int, config.get("server-round", 0)))
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
+    # before training: how the global model does on this hospital's own patients
+    site = site_scores(model, data, device, amp) if config.get("site-eval") else {}
     result = train_local(
         model,
         data.train.x,
@@ -111,6 +131,7 @@ def train_on_message(
         "lr": cfg.round_lr(server_round),
         "num-examples": result.num_examples,
         "partition-id": pid,
+        **site,
     }
     if len(data.val):
         probs, _ = predict(model, data.val.x, None, data.spec.task, device=device, amp_dtype=amp)

@@ -24,6 +24,9 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.25 if gpus else 0.0},
         "init_args": {
+            # a Ray instance of this run's own, also where a cluster runs (`ray start`
+            # writes its address where ray.init would otherwise find and join it)
+            "address": "local",
             "num_cpus": cpus,
             "num_gpus": gpus,
             "include_dashboard": False,
