@@ -10,6 +10,7 @@ from PIL import Image
 
 from medbloom.errors import MedbloomError
 from medbloom.plots import write_report
+from medbloom.runs import METRICS_COLUMNS
 from test_dashboard import write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -58,8 +59,9 @@ def test_report_replaces_old_figures(tmp_path: Path) -> None:
     write_report(run)
     first = (run / "learning_curves.png").read_bytes()
     write_run(tmp_path, "r2", "finished", rounds=5)  # unrelated: r is unchanged
+    row = {c: "0.8" for c in METRICS_COLUMNS} | {"round": "2", "loss": "0.5", "clients_ok": "3"}
     with (run / "metrics.csv").open("a", encoding="utf-8") as fh:
-        fh.write("2,0.5,0.8,0.85,0.8,0.8,0.8,0.8,0.4,0.8,0.45,0.82,0.87,3,0,1.0,0.5,4.0\n")
+        fh.write(",".join(row[c] for c in METRICS_COLUMNS) + "\n")
     write_report(run)
     assert (run / "learning_curves.png").read_bytes() != first
 
