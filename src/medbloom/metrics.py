@@ -203,10 +203,14 @@ def bootstrap_intervals(
     ``resamples`` times, the test set is drawn again with replacement (seeded: the same
     ``seed`` gives the same intervals) and the three metrics are computed on the draw;
     the interval is the central ``level`` of those values (2.5th to 97.5th percentile
-    for 95%). A draw in which a class is missing has no AUC for it and is left out of
-    the AUC interval, as MedMNIST's AUC is undefined there. The point estimates are
-    :func:`evaluate_scores`'; macro F1 here is scikit-learn's ``f1_score(average=
-    "macro", zero_division=0)`` over the classes (labels) of the task.
+    for 95%). For single-label tasks the draw is stratified: each class's samples are
+    drawn from that class, so every draw holds each class as often as the test set
+    does and the AUC (undefined without a class) is defined in every draw exactly when
+    it is on the test set. For the multi-label task the draw is plain, and a draw that
+    lacks a label's positives or negatives has no AUC and is left out of the AUC
+    interval. The point estimates are :func:`evaluate_scores`'; macro F1 here is
+    scikit-learn's ``f1_score(average="macro", zero_division=0)`` over the classes
+    (labels) of the task.
     """
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
@@ -226,9 +230,15 @@ def bootstrap_intervals(
     k = y_score.shape[1] if task != "binary-class" else 2
     auc = _auc_of_resamples(y_true, y_score, task)
     rng = np.random.default_rng(seed)
+    # the samples of each stratum (single-label: each class; multi-label: all)
+    strata = (
+        [np.arange(n)]
+        if task == MULTI_LABEL
+        else [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    )
     draws: dict[str, list[float]] = {m: [] for m in BOOTSTRAP_METRICS}
     for _ in range(resamples):
-        idx = rng.integers(0, n, n)
+        idx = np.concatenate([s[rng.integers(0, len(s), len(s))] for s in strata])
         draws["accuracy"].append(float(hits[idx].mean()))
         draws["auc"].append(auc(np.bincount(idx, minlength=n)))
         draws["f1"].append(_macro_f1(y_true[idx], pred[idx], k, task == MULTI_LABEL))
