@@ -76,7 +76,21 @@ def test_a_bad_sweep_file_is_refused_before_anything(tmp_path: Path, case: str) 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_impossible_partition_is_refused_before_anything(tmp_path: Path) -> None:
+    _data(tmp_path)
+    grid = "[grid]\nalpha = [1.0, 0.01]\nnum-clients = [8]\n"
+    path = _sweep_file(
+        tmp_path, grid, BASE.format(data=tmp_path / "data").replace("num-clients = 2\n", "")
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path, str(tmp_path / "out"))
+    assert "alpha=0.01-num-clients=8: --partition dirichlet with --alpha 0.01" in str(err.value)
+    assert "could not give all 8 clients at least --min-partition-size 5" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    _data(tmp_path)
     path = _sweep_file(tmp_path, "[grid]\nalpha = [0.5, 0.0]\n")
     out = tmp_path / "out"
     for extra in ([], ["--parallel", "0"]):
@@ -104,6 +118,7 @@ def test_the_command_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_the_grid_is_every_combination(tmp_path: Path) -> None:
+    _data(tmp_path)
     path = _sweep_file(
         tmp_path,
         "[sweep]\nname = 'cmp'\n[grid]\nstrategy = ['fedavg', 'fedprox']\nalpha = [0.1, 1.0]\n"
@@ -134,6 +149,7 @@ def _fake_run(run_dir: Path, status: str, acc: float, auc: float, worst: float) 
 
 
 def test_comparison_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    _data(tmp_path)
     path = _sweep_file(tmp_path, "[grid]\nstrategy = ['fedavg', 'fedprox']\nseed = [0, 1, 2]\n")
     sweep = load_sweep(path, str(tmp_path / "out"))
     accs = {"fedavg": [0.80, 0.84, 0.88], "fedprox": [0.70, 0.75, 0.0]}
@@ -271,6 +287,7 @@ def test_a_sweep_runs_on_a_ray_cluster(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_ray_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    _data(tmp_path)
     path = _sweep_file(tmp_path, "[grid]\nseed = [0]\n")
     proc = subprocess.run(
         [

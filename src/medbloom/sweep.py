@@ -49,7 +49,7 @@ from typing import Any
 from medbloom.config import ExperimentConfig
 from medbloom.data.registry import spec_of
 from medbloom.errors import ConfigError, MedbloomError
-from medbloom.experiment import absolute_paths
+from medbloom.experiment import absolute_paths, partitions_for
 from medbloom.runs import atomic_write_json, atomic_write_text, jsonable
 
 SECTIONS = ("sweep", "base", "grid")
@@ -115,9 +115,22 @@ def _label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"
 
 
+@contextlib.contextmanager
+def _named(source: str) -> Iterator[None]:
+    """A user's error, as a one-line ConfigError that starts with ``source``."""
+    try:
+        yield
+    except MedbloomError as exc:
+        message = str(exc)
+        raise ConfigError(
+            message if message.startswith(source) else f"{source}: {message}"
+        ) from None
+
+
 def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
-    """Read and check a sweep file; every experiment's config is validated here, so a
-    bad sweep fails (ConfigError, exit 2) before anything is written or run."""
+    """Read and check a sweep file; every experiment's config, data set name and
+    partition is checked here, so a bad sweep fails (ConfigError or DataError, exit 2)
+    before anything is written or run."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
@@ -160,18 +173,19 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
         exp_id = f"{i:03d}-" + "-".join(f"{k}={_label(v)}" for k, v in point.items())
         source = f"{p}: experiment {exp_id}"
         # wrong types, unknown choices and values out of range, named with the experiment
-        try:
+        with _named(source):
             cfg = ExperimentConfig.from_mapping({**base, **point}, source).validate()
-            spec_of(cfg.dataset, cfg.size)  # an unknown data set name, without decoding
-        except MedbloomError as exc:
-            message = str(exc)
-            raise ConfigError(
-                message if message.startswith(source) else f"{source}: {message}"
-            ) from None
         # paths as this machine resolves them: experiments run from other folders (and
         # on a Ray cluster, on other machines)
         config = {**base, **point, **{_kebab(k): v for k, v in absolute_paths(cfg).items()}}
         experiments.append(Experiment(exp_id, point, config))
+    for exp in experiments:
+        cfg = ExperimentConfig.from_mapping(exp.config).validate()
+        with _named(f"{p}: experiment {exp.id}"):
+            spec_of(cfg.dataset, cfg.size)  # an unknown data set name, without decoding
+            # an impossible partition (say Dirichlet 0.1 over 10 hospitals of a 2-class
+            # set), from the labels: each data set is read (fetched) once, here
+            partitions_for(cfg)
     # the same command finds the same folder again: that is how a sweep goes on
     folder = out or meta.get("out") or Path("sweeps", _label(name))
     return Sweep(name, Path(str(folder)).expanduser().absolute(), base, grid, experiments)
