@@ -664,6 +664,15 @@ def load_brain(data_dir: Path, size: int = 24) -> Splits:
     return load_dataset("brain-tumor-mri", size, data_dir, download=False, progress=False)
 
 
+def brain_error(data_dir: Path, start: str) -> str:
+    """Loading fails with a one-line DataError that starts with ``start``; its message."""
+    with pytest.raises(DataError) as error:
+        load_brain(data_dir)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(start), message
+    return message
+
+
 def check_brain_labels(splits: Splits, size: int = 24) -> None:
     """Every image is (1, size, size), its centre at its class's brightness, and labelled
     with that class's canonical index."""
@@ -788,11 +797,7 @@ def test_brain_tumor_unknown_folder_is_an_error(brain_data: Path) -> None:
     folders = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "notumor"}
     write_brain_folders(root / "Training", {**folders, "pituitary": "pituitary"}, 2)
     save(brain_image("glioma"), root / "Training" / "astrocytoma" / "a.png")
-    with pytest.raises(DataError) as error:
-        load_brain(brain_data)
-    message = str(error.value)
-    assert "\n" not in message
-    assert message.startswith(f"{(root / 'Training' / 'astrocytoma').resolve()}: ")
+    message = brain_error(brain_data, f"{(root / 'Training' / 'astrocytoma').resolve()}: ")
     assert "'astrocytoma' is none of the classes glioma, meningioma, notumor, pituitary" in message
     assert "expected folders named glioma, meningioma, notumor and pituitary" in message
     assert "glioma_tumor" in message and "healthy" in message
@@ -816,13 +821,10 @@ def test_brain_tumor_two_folders_of_one_class_is_an_error(brain_data: Path) -> N
         },
         2,
     )
-    with pytest.raises(DataError) as error:
-        load_brain(brain_data)
-    message = str(error.value)
-    assert "\n" not in message
-    assert message.startswith(
+    brain_error(
+        brain_data,
         f"{(root / 'Training').resolve()}: class folders 'healthy' and 'no_tumor' are both "
-        "class 'notumor'; expected one folder per class, named glioma, meningioma"
+        "class 'notumor'; expected one folder per class, named glioma, meningioma",
     )
 
 
@@ -839,13 +841,10 @@ def test_brain_tumor_missing_classes(brain_data: Path) -> None:
     check_brain_labels(splits)
     # A class missing from the training folder: no training images of it, an error.
     shutil.rmtree(root / "Training" / "pituitary_tumor")
-    with pytest.raises(DataError) as error:
-        load_brain(brain_data)
-    message = str(error.value)
-    assert "\n" not in message
-    assert message.startswith(
+    brain_error(
+        brain_data,
         f"{(root / 'Training').resolve()}: no class folder for pituitary "
-        "(found glioma_tumor, meningioma_tumor, no_tumor); expected one folder per class"
+        "(found glioma_tumor, meningioma_tumor, no_tumor); expected one folder per class",
     )
 
 
