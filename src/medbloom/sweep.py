@@ -87,10 +87,6 @@ class Sweep:
         return {"name": self.name, "base": self.base, "grid": self.grid}
 
 
-def _kebab(key: str) -> str:
-    return str(key).replace("_", "-")
-
-
 def _knob_names() -> set[str]:
     return {ExperimentConfig.flag(f.name) for f in ExperimentConfig.knobs()}
 
@@ -99,7 +95,7 @@ def _check_keys(table: dict[str, Any], where: str, source: str) -> dict[str, Any
     known = _knob_names()
     out = {}
     for key, value in table.items():
-        name = _kebab(key)
+        name = ExperimentConfig.flag(str(key))
         if name == "out":
             raise ConfigError(f"{source}: [{where}] out: each experiment's folder is the sweep's")
         if name not in known:
@@ -167,6 +163,7 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
         grid[key] = values
     name = str(meta.get("name") or p.stem)
     experiments = []
+    checked: list[ExperimentConfig] = []  # each experiment's validated config
     keys = list(grid)
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)), start=1):
         point = dict(zip(keys, combo, strict=True))
@@ -177,10 +174,11 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
             cfg = ExperimentConfig.from_mapping({**base, **point}, source).validate()
         # paths as this machine resolves them: experiments run from other folders (and
         # on a Ray cluster, on other machines)
-        config = {**base, **point, **{_kebab(k): v for k, v in absolute_paths(cfg).items()}}
+        paths = absolute_paths(cfg)
+        config = {**base, **point, **{ExperimentConfig.flag(k): v for k, v in paths.items()}}
         experiments.append(Experiment(exp_id, point, config))
-    for exp in experiments:
-        cfg = ExperimentConfig.from_mapping(exp.config).validate()
+        checked.append(cfg.replace(**paths))
+    for exp, cfg in zip(experiments, checked, strict=True):
         with _named(f"{p}: experiment {exp.id}"):
             spec_of(cfg.dataset, cfg.size)  # an unknown data set name, without decoding
             # an impossible partition (say Dirichlet 0.1 over 10 hospitals of a 2-class
