@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--out",
         metavar="DIR",
-        help="sweep folder (default: [sweep] out, else sweeps/<time>-<name>)",
+        help="sweep folder (default: [sweep] out, else sweeps/<name>)",
     )
     sweep.add_argument(
         "--parallel", type=int, default=1, metavar="N", help="experiments at a time (default 1)"

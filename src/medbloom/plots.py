@@ -58,12 +58,12 @@ def write_report(run_dir: Path) -> list[Path]:
     run = rundir.read_run(run_dir)
     written: list[Path] = []
     if run.metrics:
-        written.append(_save(learning_curves(run), run_dir / "learning_curves.png"))
+        written.append(save_figure(learning_curves(run), run_dir / "learning_curves.png"))
     if run.partitions:
-        written.append(_save(partition_figure(run), run_dir / "partition.png"))
+        written.append(save_figure(partition_figure(run), run_dir / "partition.png"))
     latest = run.latest_per_class
     if latest is not None and isinstance(latest.get("confusion_matrix"), list):
-        written.append(_save(confusion_figure(run), run_dir / "confusion_matrix.png"))
+        written.append(save_figure(confusion_figure(run), run_dir / "confusion_matrix.png"))
     if not written:
         raise MedbloomError(
             f"{run_dir}: nothing to plot yet (no round in metrics.csv, no partitions.json)"
@@ -202,7 +202,7 @@ def _class_names(run: RunData, n: int) -> list[str]:
     return (names + [f"class {i}" for i in range(len(names), n)])[: max(n, len(names))]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Render with Agg to a temporary file beside ``path``, then rename it into place."""
     FigureCanvasAgg(fig)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

@@ -540,7 +540,7 @@ def write_results(sweep: Sweep) -> list[dict[str, Any]]:
 def _plot(sweep: Sweep, rows: Sequence[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from medbloom.plots import _save
+    from medbloom.plots import save_figure
 
     groups = grouped(sweep, rows)
     keys = [k for k in sweep.grid if k != "seed"]
@@ -559,4 +559,4 @@ def _plot(sweep: Sweep, rows: Sequence[dict[str, Any]], path: Path) -> None:
             low, high = min(lo for lo, _ in spans), max(hi for _, hi in spans)
             ax.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.05))
     fig.suptitle(f"sweep {sweep.name}: mean +/- std over seeds", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
