@@ -135,6 +135,23 @@ def test_flips_left_right_about_half_the_time(dims: int) -> None:
         assert (y[:, :, :half].mean(dim=(1, 2, 3)) > y[:, :, half:].mean(dim=(1, 2, 3))).all()
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flip_mirrors_left_right_and_does_nothing_else(dims: int) -> None:
+    x = _images(64, 1, 8, dims, seed=3)
+    torch.manual_seed(0)
+    aug = make_augmenter("flip", dims)
+    assert aug is not None
+    y = aug(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    same = (y == x).flatten(1).all(dim=1)
+    mirrored = (y == x.flip(-1)).flatten(1).all(dim=1)
+    assert bool((same | mirrored).all()), "each image is itself or its mirror, exactly"
+    assert 16 <= int(mirrored.sum()) <= 48  # p = 1/2 of 64
+    torch.manual_seed(0)
+    assert torch.equal(aug(x), y)  # the same seed, the same flips
+    assert make_augmenter("flip", dims, flip=False) is None  # sided labels: nothing to do
+
+
 def test_affine_moves_a_dot_by_at_most_the_translation_and_scale() -> None:
     """A bright dot at the centre stays within 5 % translation (plus 10 % scale and the
     rotation, which move the centre of the image not at all) of the centre."""

@@ -381,6 +381,19 @@ def test_auto_schedule_is_the_data_set_s() -> None:
         assert cfg.replace(lr_schedule="constant").round_lr(3) == 0.01  # asked for: kept
 
 
+def test_auto_augmentation_is_the_data_set_s() -> None:
+    assert ExperimentConfig().augmentation() == "none"  # MedMNIST
+    for dataset in ("brain-tumor-mri", "folder:/data/scans"):
+        cfg = ExperimentConfig(dataset=dataset)
+        assert cfg.augmentation() == "flip"
+        assert cfg.replace(batched="on").augmentation() == "none"  # batched cannot augment
+        cfg.replace(batched="on").validate()  # so auto is allowed with it
+        for kind in ("none", "light"):
+            assert cfg.replace(augment=kind).augmentation() == kind  # asked for: kept
+    with pytest.raises(ConfigError, match="--batched on does not support --augment"):
+        ExperimentConfig(batched="on", augment="flip").validate()
+
+
 def test_unknown_schedule_is_refused() -> None:
     with pytest.raises(ConfigError, match="--lr-schedule 'step' is unknown"):
         ExperimentConfig(lr_schedule="step").validate()

@@ -298,3 +298,4 @@ def test_auto_is_recorded_as_the_model_that_ran(tmp_path: Path) -> None:
     recorded = json.loads((run_dir / "config.json").read_text())["config"]
     assert cfg.model == "auto" and recorded["model"] == "resnet10"
     assert cfg.lr_schedule == "auto" and recorded["lr-schedule"] == "cosine"
+    assert cfg.augment == "auto" and recorded["augment"] == "flip"

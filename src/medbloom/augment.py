@@ -6,6 +6,11 @@ images as medbloom feeds them to a model (float, pixels scaled to [-1, 1], shape
 same shape, dtype, device and range. It draws its randomness from torch's global
 random number generator: the same seed gives the same transforms.
 
+``flip``: each image (or volume) independently flipped left-right (the last axis) with
+probability 1/2, nothing else. The folder sets' default (``--augment auto``): brain MRI
+is close to symmetric about its midline, and flips double the images a hospital has
+without making them harder to learn.
+
 ``light``, each image (or volume) independently:
 
 - a left-right flip (the last axis) with probability 1/2; no vertical flips, because
@@ -29,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-KINDS = ("none", "light")
+KINDS = ("none", "flip", "light")
 
 
 class Augmenter:
@@ -68,7 +73,8 @@ class Augmenter:
 def make_augmenter(
     kind: str, spatial_dims: int, *, flip: bool = True
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The batch augmentation called ``kind`` (``none``: None) for 2D or 3D images."""
+    """The batch augmentation called ``kind`` for 2D or 3D images; None where it would do
+    nothing (``none``, or ``flip`` with ``flip=False``)."""
     if kind not in KINDS:
         raise ValueError(f"augmentation {kind!r} is unknown: expected one of {', '.join(KINDS)}")
     if spatial_dims not in (2, 3):
@@ -78,6 +84,11 @@ def make_augmenter(
     import kornia.augmentation as K  # imported here: only runs with augmentation need it
 
     geometric: list[K.AugmentationBase2D | K.AugmentationBase3D] = []
+    if kind == "flip":
+        if not flip:
+            return None  # nothing left to do
+        f = K.RandomHorizontalFlip(p=0.5) if spatial_dims == 2 else K.RandomHorizontalFlip3D(p=0.5)
+        return Augmenter(K.AugmentationSequential(f), None, spatial_dims)
     if spatial_dims == 2:
         if flip:
             geometric.append(K.RandomHorizontalFlip(p=0.5))

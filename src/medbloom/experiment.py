@@ -274,11 +274,13 @@ def prepare_run(
             raise ConfigError(f"--batched on: {exc}; use --batched off") from None
     build_strategy(cfg)
     resolve_device(cfg.device)
-    # config.json records what runs: the size, model and schedule that 0 and auto stand for
+    # config.json records what runs: the size, model, schedule and augmentation that 0 and
+    # auto stand for
     cfg = cfg.replace(
         size=resolve_size(cfg.dataset, cfg.size),
         model=resolve_model(cfg.model, cfg.dataset),
         lr_schedule=cfg.schedule(),
+        augment=cfg.augmentation(),
     )
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()

@@ -123,7 +123,7 @@ def train_on_message(
         seed=client_seed(cfg.seed, server_round, pid),
         device=device,
         amp_dtype=amp,
-        augment=_augmenter(cfg.augment, data.spec),
+        augment=_augmenter(cfg.augmentation(), data.spec),
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train_loss": result.train_loss,
