@@ -41,7 +41,7 @@ from _common import DATA_DIR, ENV, MEDBLOOM, REPO, read_csv, table
 
 from medbloom.system import usable_cpus
 
-ROUNDS = 60  # fits 15 minutes on a 2-core CPU (50 took 11 min, non-IID; benchmarks/README.md)
+ROUNDS = 60  # fits 15 minutes on a 2-core CPU (Dirichlet, the slowest: 13.5; benchmarks/README.md)
 SETUPS = {
     # name: (arguments, target test ACC)
     "dirichlet": (["--num-clients", "4", "--partition", "dirichlet", "--alpha", "0.5"], 0.90),
