@@ -190,16 +190,18 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
 
 
 # --------------------------------------------------------------------------- state
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """The experiment's summary.json, or ``{}`` while it has none (or a corrupt one)."""
+    from medbloom.dashboard.rundir import read_json
+
+    return read_json(run_dir / "summary.json")[0]
+
+
 def experiment_status(run_dir: Path) -> str:
     """``finished``, ``resumable`` (a checkpoint to go on from), ``partial`` (a run
     directory without one) or ``new``."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            if json.loads(summary.read_text())["status"] == "finished":
-                return "finished"
-        except (json.JSONDecodeError, KeyError):
-            pass
+    if _summary(run_dir).get("status") == "finished":
+        return "finished"
     if (run_dir / "checkpoints" / "latest.pt").is_file():
         return "resumable"
     return "partial" if run_dir.exists() else "new"
@@ -436,13 +438,6 @@ def _run_all(sweep: Sweep, parallel: int, ray_address: str | None, stream: Any) 
 
 
 # --------------------------------------------------------------------------- results
-def _summary(run_dir: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((run_dir / "summary.json").read_text()))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _last_worst_site(run_dir: Path) -> float:
     """The worst hospital's ACC the last time the hospitals scored a global model
     (metrics.csv; with --site-eval-every N not every row has one)."""
