@@ -83,7 +83,7 @@ class ExperimentConfig:
     batched: str = _knob(
         "off",
         "train each round's clients together in the server process (torch.func.vmap); "
-        "models without BatchNorm or dropout, no --augment",
+        "models without BatchNorm or dropout, no augmentation (--augment auto gives none)",
         BATCHED,
     )
     strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
