@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from medbloom import __version__
-from medbloom.config import ExperimentConfig, load_config_file
+from medbloom.config import DUP_THRESHOLD, ExperimentConfig, load_config_file
 from medbloom.errors import ConfigError, MedbloomError
 
 EPILOG = "Errors you can fix exit with code 2 and a one-line message."
@@ -179,20 +179,46 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The final and best models' test scores, with their 95% bootstrap intervals
     where summary.json has them, one line each."""
     intervals = summary.get("intervals") or {}
+    clean = summary.get("clean_test")
     lines = []
+
+    def scores(row: dict[str, Any], prefix: str, cis: dict[str, Any]) -> str:
+        parts = []
+        for metric, name in (("accuracy", "acc"), ("auc", "auc"), ("f1", "macro F1")):
+            value = row.get(prefix + metric)
+            text = f"{name} {float('nan') if value is None else value:.4f}"
+            ci = cis.get(metric)
+            if ci and all(isinstance(x, int | float) and math.isfinite(x) for x in ci):
+                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            parts.append(text)
+        return ", ".join(parts)
+
     for key, label in (("final", "final"), ("best", "best by val auc")):
         row = summary.get(key) or {}
         if not row:
             continue
-        parts = []
-        for metric, name in (("accuracy", "acc"), ("auc", "auc"), ("f1", "macro F1")):
-            value = row.get(metric)
-            text = f"{name} {float('nan') if value is None else value:.4f}"
-            ci = (intervals.get(key) or {}).get(metric)
-            if ci and all(isinstance(x, int | float) and math.isfinite(x) for x in ci):
-                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-            parts.append(text)
-        lines.append(f"{label} (round {row.get('round')}): test " + ", ".join(parts))
+        lines.append(
+            f"{label} (round {row.get('round')}): test " + scores(row, "", intervals.get(key) or {})
+        )
+        if clean and clean["left_out"] and row.get("clean_accuracy") is not None:
+            cis = (intervals.get("clean") or {}).get(key) or {}
+            lines.append(
+                f"{' ' * len(label)}  clean test ({clean['clean_images']} images): "
+                + scores(row, "clean_", cis)
+            )
+    if clean and not clean["left_out"]:
+        lines.append(
+            f"clean test split: all {clean['test_images']} test images (none has a twin "
+            f"among the training images within {clean['threshold']} bits)"
+        )
+    elif clean:
+        lines.append(
+            f"clean test split: {clean['left_out']} of {clean['test_images']} test images left "
+            f"out for a twin among the training images ({clean['left_out_exact']} identical, "
+            f"{clean['left_out_near']} within {clean['threshold']} bits); see leakage.json"
+        )
+    elif summary.get("final"):
+        lines.append("clean test split: not computed (--audit off)")
     if intervals:
         lines.append(
             f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "
@@ -255,6 +281,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         medmnist.load_file(path, spec)
         print(f"{path}: OK (MD5 and contents checked)")
         return 0
+    if args.data_cmd == "audit":
+        return cmd_audit(args)
     # partition
     import numpy as np
 
@@ -279,6 +307,31 @@ def cmd_data(args: argparse.Namespace) -> int:
             f"{p.client_id:>6} {len(p.train):>6} {len(p.val):>5}  "
             + " ".join(f"{c:>{width}}" for c in counts)
         )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from medbloom.data.audit import check_threshold
+    from medbloom.data.registry import load_dataset, resolve_size, spec_of
+    from medbloom.leakage import run_audit
+    from medbloom.runs import check_output_dir
+
+    threshold = check_threshold(args.dup_threshold)
+    spec_of(args.dataset, args.size)
+    size = resolve_size(args.dataset, args.size)
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.dataset).strip("-.")
+    out = Path(args.out) if args.out else Path("audits") / f"{slug[-60:]}-{size}px"
+    check_output_dir(out)
+    t0 = time.monotonic()
+    splits = load_dataset(args.dataset, size, args.data_dir)
+    _, text = run_audit(
+        splits, threshold, out, title=f"{args.dataset} at {size} px", progress=sys.stderr.isatty()
+    )
+    print(text)
+    print(
+        f"wrote {out / 'audit.json'} and {out / 'contact_sheet.png'} "
+        f"in {time.monotonic() - t0:.1f} s"
+    )
     return 0
 
 
@@ -460,6 +513,28 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("dataset")
     fetch.add_argument("--size", type=int, default=28)
     fetch.add_argument("--data-dir", default=None)
+    audit = dsub.add_parser(
+        "audit",
+        help="find duplicate and near-duplicate images within and across the splits",
+        description="Find exact twins (identical pixels) and near twins (perceptual hash "
+        "within --dup-threshold bits) within and across the train, val and test splits; "
+        "print a table, write audit.json (every pair) and contact_sheet.png.",
+        epilog=EPILOG,
+    )
+    audit.add_argument("dataset", help="a MedMNIST flag, brain-tumor-mri or folder:PATH")
+    audit.add_argument("--size", type=int, default=0, help="image size (0: the default)")
+    audit.add_argument("--data-dir", default=None)
+    audit.add_argument(
+        "--dup-threshold",
+        type=int,
+        default=DUP_THRESHOLD,
+        metavar="BITS",
+        help=f"near twins differ in at most this many of the hash's 256 bits "
+        f"(default {DUP_THRESHOLD})",
+    )
+    audit.add_argument(
+        "--out", metavar="DIR", help="where to write (default: audits/<dataset>-<size>px)"
+    )
     part = dsub.add_parser("partition", help="print each client's label counts for a partition")
     _add_experiment_flags(part)
     data.set_defaults(func=cmd_data)

@@ -38,6 +38,12 @@ AUGMENT = ("auto", "none", "flip", "light")
 BATCHED = ("off", "on")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("auto", "constant", "cosine")
+DEDUP = ("auto", "none", "exact", "near")
+AUDIT = ("on", "off")
+# medbloom.data.audit.DEFAULT_THRESHOLD and MAX_THRESHOLD (not imported: the config
+# module stays free of numpy and the data code)
+DUP_THRESHOLD = 16
+MAX_DUP_THRESHOLD = 64
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -63,6 +69,25 @@ class ExperimentConfig:
     min_partition_size: int = _knob(10, "fewest training samples any client may get")
     local_val_fraction: float = _knob(
         0.1, "share of each client's partition kept for local validation"
+    )
+    audit: str = _knob(
+        "on",
+        "also score every round on the clean test split: the test images without a twin "
+        "(identical pixels, or a perceptual hash within --dup-threshold bits) among the "
+        "training images (metrics.csv: clean_*)",
+        AUDIT,
+    )
+    dup_threshold: int = _knob(
+        DUP_THRESHOLD,
+        "near twins: perceptual hashes (dhash, 256 bits) at most this many bits apart",
+    )
+    dedup: str = _knob(
+        "auto",
+        "remove twins among the training images before partitioning: exact (identical "
+        "pixels) or near (also near twins); a training image with a twin in the "
+        "validation split goes too; auto: none for MedMNIST (as benchmarked), near for "
+        "folder sets",
+        DEDUP,
     )
     model: str = _knob(
         "auto",
@@ -187,6 +212,11 @@ class ExperimentConfig:
             ),
             (self.min_clients >= 1, "min_clients", "an integer >= 1"),
             (self.size >= 0, "size", "0 (the data set's default) or a size in pixels"),
+            (
+                0 <= self.dup_threshold <= MAX_DUP_THRESHOLD,
+                "dup_threshold",
+                f"a number of bits in 0..{MAX_DUP_THRESHOLD} of the 256-bit hash",
+            ),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
         ]
         if self.batched == "on" and self.augment not in ("none", "auto"):
@@ -242,6 +272,16 @@ class ExperimentConfig:
         from medbloom.data.registry import is_folder_set
 
         return "flip" if is_folder_set(self.dataset) and self.batched == "off" else "none"
+
+    def deduplication(self) -> str:
+        """The de-duplication that runs: ``dedup``, or for ``auto`` the data set's
+        default: none for MedMNIST (the benchmark trains on every image), near for
+        folder sets, whose duplicates sit in several hospitals at once (see the README)."""
+        if self.dedup != "auto":
+            return self.dedup
+        from medbloom.data.registry import is_folder_set
+
+        return "near" if is_folder_set(self.dataset) else "none"
 
     def round_lr(self, server_round: int) -> float:
         """The client learning rate of ``server_round`` (1-based) under ``lr_schedule``.

@@ -9,7 +9,9 @@ process loads and partitions its data once, not once per round.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -21,6 +23,7 @@ from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data import partition as part
+from medbloom.data.audit import Audit, audit_splits, dedup_mask
 from medbloom.data.registry import FOLDER_PREFIX, load_dataset, resolve_size, spec_of
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
 from medbloom.errors import ConfigError, MedbloomError
@@ -30,18 +33,60 @@ from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_i
 from medbloom.system import longest_first
 from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
 
+log = logging.getLogger("medbloom")
+
 
 @lru_cache(maxsize=2)
 def load_splits(dataset: str, size: int, data_dir: str) -> Splits:
     return load_dataset(dataset, size, data_dir or None)
 
 
+@lru_cache(maxsize=2)
+def load_audit(dataset: str, size: int, data_dir: str, threshold: int) -> Audit:
+    """The twins among a data set's images (:mod:`medbloom.data.audit`); the hashes are
+    cached on disk, so only the first audit of a data set hashes its images."""
+    splits = load_splits(dataset, size, data_dir)
+    t0 = time.monotonic()
+    audit = audit_splits(splits, threshold)
+    log.info("audit of %s: %.1f s", dataset, time.monotonic() - t0)
+    return audit
+
+
+@lru_cache(maxsize=4)
+def training_splits(dataset: str, size: int, data_dir: str, dedup: str, threshold: int) -> Splits:
+    """The splits with the training images ``--dedup`` keeps (validation and test as
+    they are)."""
+    splits = load_splits(dataset, size, data_dir)
+    if dedup == "none":
+        return splits
+    keep = dedup_mask(load_audit(dataset, size, data_dir, threshold), dedup)
+    return Splits(splits.spec, splits.train.subset(np.flatnonzero(keep)), splits.val, splits.test)
+
+
+def splits_for(cfg: ExperimentConfig) -> Splits:
+    """The data a run trains on: the data set after ``--dedup``."""
+    dedup = cfg.deduplication()
+    threshold = cfg.dup_threshold if dedup != "none" else 0
+    return training_splits(cfg.dataset, cfg.size, cfg.data_dir, dedup, threshold)
+
+
+def clean_test_indices(cfg: ExperimentConfig) -> np.ndarray | None:
+    """Indices into the test split of its clean images (no twin among the training
+    images), or None with ``--audit off``."""
+    if cfg.audit == "off":
+        return None
+    return load_audit(cfg.dataset, cfg.size, cfg.data_dir, cfg.dup_threshold).clean_test_indices()
+
+
 def _partition_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything a partition depends on, besides the data itself."""
+    dedup = cfg.deduplication()
     return {
         "dataset": cfg.dataset,
         "size": cfg.size,
         "data_dir": cfg.data_dir,
+        "dedup": dedup,
+        "dup_threshold": cfg.dup_threshold if dedup != "none" else 0,
         "partition": cfg.partition,
         "num_clients": cfg.num_clients,
         "alpha": cfg.alpha,
@@ -87,7 +132,13 @@ def _recorded_partitions(path: Path, settings: dict[str, Any]) -> list[part.Clie
             for c in pmap["clients"]
         ]
         # the data must still be what was partitioned: same labels at the same places
-        splits = load_splits(settings["dataset"], settings["size"], settings["data_dir"])
+        splits = training_splits(
+            settings["dataset"],
+            settings["size"],
+            settings["data_dir"],
+            settings["dedup"],
+            settings["dup_threshold"],
+        )
         labels, n_classes = splits.train.labels, splits.spec.num_classes
         for p, c in zip(parts, pmap["clients"], strict=True):
             idx = np.concatenate([p.train, p.val])
@@ -105,6 +156,8 @@ def _partitions(
     dataset: str,
     size: int,
     data_dir: str,
+    dedup: str,
+    dup_threshold: int,
     partition: str,
     num_clients: int,
     alpha: float,
@@ -113,7 +166,7 @@ def _partitions(
     local_val_fraction: float,
     seed: int,
 ) -> list[part.ClientPartition]:
-    splits = load_splits(dataset, size, data_dir)
+    splits = training_splits(dataset, size, data_dir, dedup, dup_threshold)
     return part.make_partitions(
         splits.train.labels,
         partition,
@@ -174,7 +227,7 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
     ``partition_id`` -1 means the node's whole training split (its own data).
     """
     if partition_id == -1:
-        splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+        splits = splits_for(cfg)
         train_idx, val_idx = part.split_local(
             np.arange(len(splits.train)), cfg.local_val_fraction, cfg.seed, 0
         )
@@ -186,7 +239,7 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
         )
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    splits = splits_for(cfg)
     p = partitions_for(cfg)[partition_id]
     return _client_data(cfg, splits, p.train, p.val)
 
@@ -236,6 +289,8 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     if not info_file.is_file():
         raise MedbloomError(f"{run_dir}: not a run directory (no config.json)")
     config = json.loads(info_file.read_text(encoding="utf-8"))["config"]
+    # runs recorded before --dedup existed trained on every image
+    config.setdefault("dedup", "none")
     return ExperimentConfig.from_mapping(config, str(info_file)).validate()
 
 
@@ -281,14 +336,38 @@ def prepare_run(
         model=resolve_model(cfg.model, cfg.dataset),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
+        dedup=cfg.deduplication(),
     )
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()
     check_writable(out)
-    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    splits = splits_for(cfg)
     parts = partitions_for(cfg)
     pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
     resolved = cfg.replace(out=str(out), **absolute_paths(cfg))
     # what the clients of this run check before they use the recorded partition
     pmap["settings"] = _partition_settings(resolved)
-    return create_run_dir(out, {"config.json": run_info(resolved, argv), "partitions.json": pmap})
+    files: dict[str, Any] = {"config.json": run_info(resolved, argv), "partitions.json": pmap}
+    audit = None
+    if cfg.audit == "on" or cfg.dedup != "none":
+        audit = load_audit(cfg.dataset, cfg.size, cfg.data_dir, cfg.dup_threshold)
+        files["leakage.json"] = leakage_record(audit, len(splits.train), cfg)
+    return create_run_dir(out, files)
+
+
+def leakage_record(audit: Audit, n_train: int, cfg: ExperimentConfig) -> dict[str, Any]:
+    """``leakage.json``: what the audit found, what ``--dedup`` removed, and each test
+    image the clean split leaves out with its nearest training twin."""
+    from medbloom.leakage import clean_test_record, test_twin_list
+
+    return {
+        "audit": audit.summary(),
+        "dedup": {
+            "mode": cfg.dedup,
+            "training_images": audit.sizes["train"],
+            "kept": n_train,
+            "removed": audit.sizes["train"] - n_train,
+        },
+        "clean_test": clean_test_record(audit) if cfg.audit == "on" else None,
+        "left_out": test_twin_list(audit) if cfg.audit == "on" else [],
+    }

@@ -26,15 +26,25 @@ from medbloom.dashboard import rundir
 from medbloom.dashboard.rundir import RunData
 from medbloom.errors import MedbloomError
 
-SPLIT_COLORS = {"test": "#1f77b4", "validation": "#ff7f0e", "train": "#2ca02c"}
+SPLIT_COLORS = {
+    "test": "#1f77b4",
+    "clean test": "#9467bd",
+    "validation": "#ff7f0e",
+    "train": "#2ca02c",
+}
 #: One panel per entry: title, {split: metrics.csv column}, benchmark key.
 PANELS: tuple[tuple[str, dict[str, str], str | None], ...] = (
     (
         "Accuracy",
-        {"test": "accuracy", "validation": "val_accuracy", "train": "train_accuracy"},
+        {
+            "test": "accuracy",
+            "clean test": "clean_accuracy",
+            "validation": "val_accuracy",
+            "train": "train_accuracy",
+        },
         "acc",
     ),
-    ("AUC", {"test": "auc", "validation": "val_auc"}, "auc"),
+    ("AUC", {"test": "auc", "clean test": "clean_auc", "validation": "val_auc"}, "auc"),
     ("Loss", {"test": "loss", "validation": "val_loss", "train": "train_loss"}, None),
 )
 DPI = 110
@@ -84,8 +94,13 @@ def learning_curves(run: RunData) -> Figure:
     rounds = [r["round"] for r in run.metrics]
     size = run.summary.get("image_size") or run.config.get("size")
     refs = {k: v for k, v in run.benchmark.items() if k.endswith(f"-{size}")} or run.benchmark
+    clean = run.summary.get("clean_test")
+    # a clean split equal to the official one would only draw its line twice
+    same_test = isinstance(clean, dict) and not clean.get("left_out")
     for ax, (title, columns, ref_key) in zip(axes, PANELS, strict=True):
         for split, col in columns.items():
+            if split == "clean test" and same_test:
+                continue
             values = rundir.column(run.metrics, col)
             xs = [x for x, v in zip(rounds, values, strict=True) if v is not None]
             ys = [v for v in values if v is not None]

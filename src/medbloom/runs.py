@@ -37,6 +37,10 @@ METRICS_COLUMNS = (
     "precision",
     "recall",
     "f1",
+    "clean_accuracy",
+    "clean_auc",
+    "clean_balanced_accuracy",
+    "clean_f1",
     "train_loss",
     "train_accuracy",
     "val_loss",
@@ -144,6 +148,18 @@ def check_writable(path: Path) -> None:
         probe_root = probe_root.parent
     if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path}: cannot create it, {probe_root} is not writable")
+
+
+def check_output_dir(path: Path, flag: str = "--out") -> None:
+    """Fail early if ``path`` cannot be a folder of outputs that may be overwritten
+    (a regular file there, or nowhere writable to create it)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file, expected a folder")
+    probe_root = path
+    while not probe_root.exists():
+        probe_root = probe_root.parent
+    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write there, {probe_root} is not writable")
 
 
 def create_run_dir(path: Path, files: Mapping[str, Any]) -> Path:

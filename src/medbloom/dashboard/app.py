@@ -39,7 +39,12 @@ PICKER_LIST_MAX = 12
 #: Runs compared by default beside the selected one (the newest on the same data set).
 DEFAULT_COMPARED = 3
 
-SPLIT_COLORS = {"test": "#1f77b4", "validation": "#ff7f0e", "train": "#2ca02c"}
+SPLIT_COLORS = {
+    "test": "#1f77b4",
+    "clean test": "#9467bd",
+    "validation": "#ff7f0e",
+    "train": "#2ca02c",
+}
 STATUS_COLORS = {
     "running": "blue",
     "starting": "blue",
@@ -53,9 +58,14 @@ CURVES: tuple[tuple[str, str, dict[str, str]], ...] = (
     (
         "Accuracy",
         "accuracy",
-        {"test": "accuracy", "validation": "val_accuracy", "train": "train_accuracy"},
+        {
+            "test": "accuracy",
+            "clean test": "clean_accuracy",
+            "validation": "val_accuracy",
+            "train": "train_accuracy",
+        },
     ),
-    ("AUC", "AUC", {"test": "auc", "validation": "val_auc"}),
+    ("AUC", "AUC", {"test": "auc", "clean test": "clean_auc", "validation": "val_auc"}),
     ("Loss", "loss", {"test": "loss", "validation": "val_loss", "train": "train_loss"}),
 )
 #: The curves overlaid when comparing runs: (metrics.csv column, title).
@@ -155,12 +165,37 @@ def results_frame(run: RunData) -> pd.DataFrame:
                     "round": int(row.get("round", 0)),
                     "test ACC": row.get("accuracy"),
                     "test AUC": row.get("auc"),
+                    "clean test ACC": row.get("clean_accuracy"),
+                    "clean test AUC": row.get("clean_auc"),
                     "val ACC": row.get("val_accuracy"),
                     "val AUC": row.get("val_auc"),
                 }
             )
-    return pd.DataFrame(
-        rows, columns=["result", "round", "test ACC", "test AUC", "val ACC", "val AUC"]
+    columns = ["result", "round", "test ACC", "test AUC", "clean test ACC", "clean test AUC"]
+    columns += ["val ACC", "val AUC"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def clean_test_caption(run: RunData) -> str:
+    """What the clean test split is, from summary.json's ``clean_test``."""
+    clean = run.summary.get("clean_test")
+    if not isinstance(clean, dict):
+        return (
+            "Clean test split: not computed for this run (--audit off, or a run from "
+            "before the audit): its test scores may count images that also sit in training."
+        )
+    if not clean.get("left_out"):
+        return (
+            f"Clean test split: all {clean.get('test_images')} test images; none has a twin "
+            f"among the training images (dhash within {clean.get('threshold')} bits)."
+        )
+    return (
+        f"Clean test split: {clean.get('clean_images')} of {clean.get('test_images')} test "
+        f"images. {clean.get('left_out')} were left out for a twin among the training "
+        f"images ({clean.get('left_out_exact')} with identical pixels, "
+        f"{clean.get('left_out_near')} within {clean.get('threshold')} bits of the "
+        "perceptual hash); leakage.json lists them. The official split's scores count "
+        "those twins, the clean split's do not."
     )
 
 
@@ -485,7 +520,8 @@ def show_curves(run: RunData) -> None:
         )
         col.altair_chart(chart, width="stretch")
     st.caption(
-        "Test: the global model on the official test split. Validation: the official "
+        "Test: the global model on the official test split; clean test: on its images "
+        "without a twin among the training images. Validation: the official "
         "validation split (the best round is chosen on its AUC). Train: the clients' "
         "sample-weighted means during local training."
     )
@@ -523,6 +559,7 @@ def show_results(run: RunData) -> None:
             st.dataframe(
                 bench, hide_index=True, width="stretch", column_config=_score_columns(bench)
             )
+    st.caption(clean_test_caption(run))
     ref_name, ref = _reference(run)
     final = run.final or {}
     if ref and final.get("auc") is not None and "auc" in ref:
@@ -1018,6 +1055,8 @@ def _score_columns(table: pd.DataFrame) -> dict[str, Any]:
     scores = {
         "test ACC",
         "test AUC",
+        "clean test ACC",
+        "clean test AUC",
         "val ACC",
         "val AUC",
         "precision",

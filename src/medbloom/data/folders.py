@@ -821,7 +821,8 @@ def load_folder_dataset(
         Class names are the sorted training folder names, or ``classes.names`` in their
         order. ``spec.extra`` holds ``cache`` ("hit", "miss", or "off" when the cache
         could not be written), ``cache_path``, ``skipped_files`` (relative paths of
-        unreadable files), ``layout``, ``root`` and ``n_samples`` per split.
+        unreadable files), ``layout``, ``root``, ``n_samples`` per split and ``files``,
+        each split's relative paths in its order.
 
     Raises
     ------
@@ -906,6 +907,8 @@ def load_folder_dataset(
             "skipped_files": sorted(rel for rel, _ in decoded.skipped),
             "n_samples": {split: int(len(idx)) for split, idx in indices.items()},
             "crop": crop,
+            # each split's files, relative to the root, in split order (the audit names them)
+            "files": {split: [decoded.relpaths[i] for i in idx] for split, idx in indices.items()},
         },
     )
 

@@ -9,6 +9,7 @@ the round ends.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import random
@@ -30,7 +31,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
-from medbloom.experiment import TensorSplit, initial_model, prepare_run, server_data, spec_summary
+from medbloom.experiment import (
+    TensorSplit,
+    clean_test_indices,
+    initial_model,
+    prepare_run,
+    server_data,
+    spec_summary,
+)
 from medbloom.federation import flower_internals
 from medbloom.federation.strategies import build_strategy
 from medbloom.federation.wire import Layout, flat_values
@@ -61,6 +69,10 @@ class Evaluator:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.spec, self.val, self.test = server_data(cfg)
+        # the clean test split: test images without a twin among the training images
+        self.clean = clean_test_indices(cfg)
+        if self.clean is not None and len(self.clean) == 0:
+            log.warning("every test image has a twin in training: no clean test split")
         self.model = initial_model(cfg, self.spec)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_precision(cfg.precision, self.device)
@@ -69,15 +81,23 @@ class Evaluator:
         self.last_probs: np.ndarray | None = None
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Scores of the global weights on test (no prefix) and validation
-        (``val_``); the test split's per-class report is kept in ``last_report``,
-        its probabilities in ``last_probs``."""
+        """Scores of the global weights on test (no prefix), the clean test split
+        (``clean_``, the same predictions on fewer images) and validation (``val_``);
+        the test split's per-class report is kept in ``last_report`` (the clean
+        split's under its ``clean`` key), its probabilities in ``last_probs``."""
         load_arrays(self.model, state)
         out, probs = self._split(self.test, "")
         self.last_probs = probs
         self.last_report = per_class_report(
             self.test.labels, probs, self.spec.task, self.spec.class_names
         )
+        if self.clean is not None and len(self.clean):
+            labels, clean_probs = self.test.labels[self.clean], probs[self.clean]
+            scores = evaluate_scores(labels, clean_probs, self.spec.task)
+            out.update({f"clean_{k}": v for k, v in scores.items()})
+            self.last_report["clean"] = per_class_report(
+                labels, clean_probs, self.spec.task, self.spec.class_names
+            )
         out.update(self._split(self.val, "val_")[0])
         return out
 
@@ -96,9 +116,19 @@ class Evaluator:
             load_arrays(self.model, torch.load(best, weights_only=False)["model"])
             probs["best"] = self._split(self.test, "")[1]
         for name, p in probs.items():
-            if p is not None:
-                out[name] = bootstrap_intervals(
-                    self.test.labels, p, self.spec.task, BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL, seed
+            if p is None:
+                continue
+            out[name] = bootstrap_intervals(
+                self.test.labels, p, self.spec.task, BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL, seed
+            )
+            if self.clean is not None and len(self.clean):
+                out.setdefault("clean", {})[name] = bootstrap_intervals(
+                    self.test.labels[self.clean],
+                    p[self.clean],
+                    self.spec.task,
+                    BOOTSTRAP_RESAMPLES,
+                    BOOTSTRAP_LEVEL,
+                    seed,
                 )
         return out
 
@@ -447,7 +477,10 @@ def run_federation(
     handler = attach_log_file(run_dir / "logs" / "server.log")
     ckpt = _load_resume_state(run_dir) if resume else None
     recorder = RunRecorder(
-        run_dir, cfg, spec_summary(evaluator.spec), resume_round=ckpt["round"] if ckpt else None
+        run_dir,
+        cfg,
+        {**spec_summary(evaluator.spec), "clean_test": clean_test_summary(run_dir)},
+        resume_round=ckpt["round"] if ckpt else None,
     )
     status, error = "failed", None
     live = LiveGrid(grid, set())
@@ -561,6 +594,17 @@ def run_federation(
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
+
+
+def clean_test_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json's ``clean_test``: how many test images the clean split leaves out
+    and why (from the run's ``leakage.json``); None with ``--audit off``."""
+    try:
+        record = json.loads((run_dir / "leakage.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    clean = record.get("clean_test") if isinstance(record, dict) else None
+    return clean if isinstance(clean, dict) else None
 
 
 def _intervals(evaluator: Evaluator, run_dir: Path, seed: int) -> dict[str, Any] | None:
