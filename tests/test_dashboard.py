@@ -132,6 +132,7 @@ class RunWriter:
         num_clients: int = 3,
         seed: int = 0,
         started_ago: float = 0.0,
+        clean_test: dict[str, Any] | None = None,
     ) -> None:
         cfg = ExperimentConfig(
             dataset=dataset,
@@ -142,6 +143,7 @@ class RunWriter:
             out=str(root / name),
         )
         self.spec = _spec_summary(dataset)
+        self.spec["clean_test"] = clean_test
         self.parts, labels = _partitions(num_clients, len(self.spec["class_names"]), seed)
         self.path = create_run_dir(
             root / name,
@@ -180,6 +182,9 @@ class RunWriter:
                 ]
             )
         row = _metrics_row(rnd, self.rounds, self.rng)
+        if self.spec["clean_test"]:  # twins left out: the clean split scores lower
+            for metric in ("accuracy", "auc", "balanced_accuracy", "f1"):
+                row[f"clean_{metric}"] = row[metric] - 0.07
         if rnd > 0:
             sites = [self._site(rnd, p.client_id) for p in self.parts]
             row["worst_site_accuracy"] = min(sites)
@@ -388,6 +393,36 @@ def test_finished_run(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = {m.label: m for m in at.metric}
     assert metrics["Round"].value == "5 / 5"
     assert not metrics["Elapsed"].delta
+
+
+CLEAN = {
+    "threshold": 16,
+    "test_images": 624,
+    "clean_images": 500,
+    "left_out": 124,
+    "left_out_exact": 100,
+    "left_out_near": 24,
+}
+
+
+def test_clean_test_split_beside_the_official_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = RunWriter(tmp_path, "leaky", rounds=2, clean_test=CLEAN)
+    for _ in range(3):
+        writer.next_round()
+    writer.recorder.close("finished")
+    plain = write_run(tmp_path, "plain", "finished", rounds=2, seed=4)
+    at = _app(tmp_path, monkeypatch, "leaky")
+    results = _frames(at)[0]
+    final = json.loads((writer.path / "summary.json").read_text())["final"]
+    assert round(float(results["clean test ACC"][0]), 6) == round(final["clean_accuracy"], 6)
+    assert round(float(results["clean test AUC"][0]), 6) == round(final["clean_auc"], 6)
+    assert "Clean test split: 500 of 624 test images. 124 were left out" in _texts(at)
+    assert "100 with identical pixels, 24 within 16 bits" in _texts(at)
+    at.radio(key="run").set_value(str(plain)).run()
+    assert not at.exception
+    assert "Clean test split: not computed for this run" in _texts(at)
 
 
 def test_running_run(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

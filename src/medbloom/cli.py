@@ -287,15 +287,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     import numpy as np
 
     from medbloom.data.partition import label_counts
-    from medbloom.experiment import load_splits, partitions_for
+    from medbloom.experiment import partitions_for, splits_for
 
     cfg = config_from_args(args)
-    splits = load_splits(cfg.dataset, cfg.size, cfg.data_dir)
+    splits = splits_for(cfg)
     names = splits.spec.class_names
     width = max(8, *(len(n) for n in names))
+    dedup = cfg.deduplication()
     print(
         f"{cfg.dataset}: {cfg.partition} partition of {len(splits.train)} training samples "
-        f"across {cfg.num_clients} clients (seed {cfg.seed})"
+        f"across {cfg.num_clients} clients (seed {cfg.seed}; --dedup {dedup})"
     )
     print(
         f"{'client':>6} {'train':>6} {'val':>5}  "
@@ -508,11 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="list, fetch and partition data sets")
     dsub = data.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     lst = dsub.add_parser("list", help="every data set, and which files are on disk")
-    lst.add_argument("--data-dir", default=None)
+    lst.add_argument("--data-dir", default=None, help="data root (default: as for runs)")
     fetch = dsub.add_parser("fetch", help="download a data set (MD5-checked) into the data root")
-    fetch.add_argument("dataset")
-    fetch.add_argument("--size", type=int, default=28)
-    fetch.add_argument("--data-dir", default=None)
+    fetch.add_argument("dataset", help="a MedMNIST flag")
+    fetch.add_argument("--size", type=int, default=28, help="image size: 28, 64, 128 or 224")
+    fetch.add_argument("--data-dir", default=None, help="data root (default: as for runs)")
     audit = dsub.add_parser(
         "audit",
         help="find duplicate and near-duplicate images within and across the splits",
@@ -523,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("dataset", help="a MedMNIST flag, brain-tumor-mri or folder:PATH")
     audit.add_argument("--size", type=int, default=0, help="image size (0: the default)")
-    audit.add_argument("--data-dir", default=None)
+    audit.add_argument("--data-dir", default=None, help="data root (default: as for runs)")
     audit.add_argument(
         "--dup-threshold",
         type=int,
@@ -555,10 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
     launch_p.set_defaults(func=cmd_launch)
 
     server = sub.add_parser("server", help="start the SuperLink of a multi-site deployment")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    server.add_argument("--port", type=int, default=9092, help="port hospitals connect to")
     server.add_argument("--certs", metavar="DIR", help="TLS + node authentication from DIR")
-    server.add_argument("--flwr-home", default="~/.flwr-medbloom", metavar="DIR")
+    server.add_argument(
+        "--flwr-home",
+        default="~/.flwr-medbloom",
+        metavar="DIR",
+        help="where the SuperLink keeps its state and `flwr` its connection",
+    )
     server.add_argument(
         "--allow-insecure-remote",
         action="store_true",
@@ -574,18 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=None)
 
     certs = sub.add_parser("certs", help="make a local CA, server certificate and node keys")
-    certs.add_argument("--out", default="certs")
-    certs.add_argument("--num-nodes", type=int, default=3)
+    certs.add_argument("--out", default="certs", help="folder to write the keys into")
+    certs.add_argument("--num-nodes", type=int, default=3, help="node key pairs to make")
     certs.add_argument("--host", action="append", help="server name or IP (repeatable)")
     certs.set_defaults(func=cmd_certs)
 
     dash = sub.add_parser("dashboard", help="live dashboard of run directories (Streamlit)")
     dash.add_argument("--runs", default="runs", help="folder holding run directories")
-    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
     dash.set_defaults(func=cmd_dashboard)
 
     report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
 
     sweep = sub.add_parser(
