@@ -967,3 +967,22 @@ def test_federated_run_on_a_subset_of_brain_tumor_mri(
     report = json.loads((run_dir / "per_class.jsonl").read_text().splitlines()[-1])
     assert tuple(report["class_names"]) == BRAIN_CLASSES
     assert np.array(report["confusion_matrix"]).sum() == 4 * 8  # every test image scored
+
+
+def test_a_file_name_that_is_not_utf8_loads(tmp_path: Path) -> None:
+    """Linux file names are bytes: b"\\xff\\xfe bad.png" reaches Python with lone
+    surrogates, which the cache key and the cache's file list must carry."""
+    root = tmp_path / "data"
+    write_class_tree(root / "Training", {"a": 10, "b": 10})
+    write_class_tree(root / "Testing", {"a": 3, "b": 3})
+    name = os.fsdecode(b"\xff\xfe bad.png")
+    image = Image.fromarray(np.full((12, 12), 250, dtype=np.uint8))
+    save(image, root / "Training" / "a" / name)
+    splits = load(root, tmp_path / "cache")
+    assert len(splits.train) + len(splits.val) == 21
+    assert 250 in pixel_ids(np.concatenate([splits.train.images, splits.val.images]))
+    files = splits.spec.extra["files"]
+    assert f"Training/a/{name}" in files["train"] + files["val"]
+    again = load(root, tmp_path / "cache")  # the cache, with that name in it, reads back
+    assert again.spec.extra["cache"] == "hit"
+    assert again.spec.extra["files"] == files

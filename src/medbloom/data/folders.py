@@ -480,7 +480,10 @@ def _cache_key(listing: _Listing, settings: dict[str, Any]) -> str:
             stat = path.stat()
         except OSError as exc:
             raise DataError(f"{path}: cannot read the file ({exc.strerror})") from None
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}{is_test:d}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 (b"\xff.png" on Linux) reaches
+        # Python with lone surrogates, which plain UTF-8 cannot encode; its bytes can be
+        record = f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}{is_test:d}\n"
+        digest.update(record.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
