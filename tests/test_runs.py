@@ -105,7 +105,7 @@ def test_create_run_dir_refuses_a_non_empty_out(tmp_path: Path) -> None:
 def test_create_run_dir_refuses_a_file(tmp_path: Path) -> None:
     out = tmp_path / "file"
     out.write_text("x")
-    with pytest.raises(ConfigError, match="--out"):
+    with pytest.raises(ConfigError, match=r"--out .*: is a file, expected a folder"):
         create_run_dir(out, {"config.json": {}})
     assert out.read_text() == "x"
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from medbloom.config import ExperimentConfig
-from medbloom.errors import ConfigError
+from medbloom.errors import ConfigError, MedbloomError
 
 METRICS_COLUMNS = (
     "round",
@@ -140,7 +140,9 @@ def jsonable(x: Any) -> Any:
 
 def check_writable(path: Path) -> None:
     """Fail early, before any work, if the run directory cannot be created here."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file, expected a folder for the run (new or empty)")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {path}: already exists and is not an empty directory")
     parent = path.parent
     probe_root = parent
@@ -323,6 +325,30 @@ class RunRecorder:
         self.write_summary(status, error)
         for fh, _ in (self._metrics, self._clients):
             fh.close()
+
+
+def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """``checkpoints/latest.pt`` of a run to resume, or a one-line :class:`MedbloomError`
+    when it is missing, unreadable (truncated, garbage) or not a resume checkpoint.
+
+    Checkpoints are written to a temporary file and renamed, so a crash while writing
+    leaves the previous one whole; a broken file was damaged afterwards.
+    """
+    path = run_dir / "checkpoints" / "latest.pt"
+    if not path.exists():
+        raise MedbloomError(f"--resume {run_dir}: no checkpoints/latest.pt, nothing to resume")
+    try:
+        ckpt = torch.load(path, weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError...
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise MedbloomError(
+            f"--resume {run_dir}: {path} is unreadable ({type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + "): truncated or not a checkpoint; the run cannot go on from it"
+        ) from None
+    if not isinstance(ckpt, dict) or not {"strategy", "model", "round"} <= set(ckpt):
+        raise MedbloomError(f"--resume {run_dir}: {path} has no resume state")
+    return ckpt
 
 
 def _parse(value: str) -> Any:
