@@ -410,3 +410,46 @@ def test_image_size_is_another_name_for_size() -> None:
         by_alias = config_from_args(parser.parse_args([command, "--image-size", "64"]))
         assert by_alias.size == 64
         assert by_alias == config_from_args(parser.parse_args([command, "--size", "64"]))
+
+
+def test_a_bad_value_in_a_config_file_is_refused_even_where_a_flag_overrides_it(
+    tmp_path: Path,
+) -> None:
+    from medbloom.cli import build_parser, config_from_args
+    from medbloom.errors import ConfigError
+
+    bad = tmp_path / "exp.toml"
+    bad.write_text("rounds = -3\nnum-clients = 4\n")
+    parser = build_parser()
+    with pytest.raises(ConfigError, match=r"exp\.toml: --rounds -3 is out of range"):
+        config_from_args(parser.parse_args(["run", "--config", str(bad), "--rounds", "5"]))
+    good = tmp_path / "good.toml"
+    good.write_text("rounds = 3\nnum-clients = 4\n")
+    cfg = config_from_args(parser.parse_args(["run", "--config", str(good), "--rounds", "5"]))
+    assert (cfg.rounds, cfg.num_clients) == (5, 4)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_resume_from_a_broken_checkpoint_is_one_line_before_anything_starts(
+    tmp_path: Path, cwd: Path, data_root: Path, damage: str
+) -> None:
+    import torch
+
+    from medbloom.experiment import prepare_run
+
+    cfg = ExperimentConfig(data_dir=str(data_root), num_clients=2, out=str(tmp_path / "run"))
+    run_dir = prepare_run(cfg)
+    (run_dir / "summary.json").write_text('{"status": "interrupted"}')
+    latest = run_dir / "checkpoints" / "latest.pt"
+    torch.save({"round": 3, "model": {"w": torch.zeros(1000)}, "strategy": b"x"}, latest)
+    whole = latest.read_bytes()
+    latest.write_bytes(
+        {"truncated": whole[: len(whole) // 2], "garbage": b"\x80\x04garbage" * 50, "empty": b""}[
+            damage
+        ]
+    )
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    proc = medbloom("run", "--resume", str(run_dir), cwd=cwd)
+    line = assert_one_line_error(proc, "--resume", "latest.pt is unreadable")
+    assert "cannot go on from it" in line
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing started

@@ -52,7 +52,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Defaults < --config file < flags."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        values.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
+        from_file = {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+        # the file is checked on its own too: a bad value in it is an error even where a
+        # flag overrides it (the file is meant to be reused, and would fail without the flag)
+        ExperimentConfig.from_mapping(from_file, args.config).validate(source=args.config)
+        values.update(from_file)
     for f in ExperimentConfig.knobs():
         v = getattr(args, f.name, None)
         if v is not None:
@@ -136,6 +140,9 @@ def resumable_run(args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and json.loads(summary_file.read_text())["status"] == "finished":
         raise MedbloomError(f"--resume {run_dir}: this run has already finished")
+    from medbloom.runs import load_resume_checkpoint
+
+    load_resume_checkpoint(run_dir)  # a broken checkpoint fails here, before anything starts
     return run_dir, load_run_config(run_dir)
 
 
@@ -325,9 +332,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     check_output_dir(out)
     t0 = time.monotonic()
     splits = load_dataset(args.dataset, size, args.data_dir)
-    _, text = run_audit(
-        splits, threshold, out, title=f"{args.dataset} at {size} px", progress=sys.stderr.isatty()
-    )
+    _, text = run_audit(splits, threshold, out, title=f"{args.dataset} at {size} px", progress=True)
     print(text)
     print(
         f"wrote {out / 'audit.json'} and {out / 'contact_sheet.png'} "

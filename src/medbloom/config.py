@@ -166,8 +166,17 @@ class ExperimentConfig:
         return name.replace("_", "-")
 
     # ------------------------------------------------------------- validation
-    def validate(self) -> ExperimentConfig:
-        """Check every value; raise :class:`ConfigError` naming the flag on the first bad one."""
+    def validate(self, source: str | None = None) -> ExperimentConfig:
+        """Check every value; raise :class:`ConfigError` naming the flag on the first bad
+        one (and ``source``, the file it came from, where given)."""
+        try:
+            return self._validate()
+        except ConfigError as exc:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def _validate(self) -> ExperimentConfig:
         for f in self.knobs():
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
