@@ -91,3 +91,20 @@ def test_report_of_a_run_with_nothing_to_plot(tmp_path: Path) -> None:
     with pytest.raises(MedbloomError, match="nothing to plot yet"):
         write_report(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_plots_drawn_as_a_run_ends_are_titled_with_how_it_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run draws its plots just before summary.json says it finished: the title must
+    not say "running, round 5 of 5"."""
+    from medbloom import plots
+
+    run = write_run(tmp_path, "ending", "running", rounds=5, done=5)
+    titles: list[str] = []
+    real = plots._title
+    monkeypatch.setattr(plots, "_title", lambda r: titles.append(real(r)) or titles[-1])
+    write_report(run, "finished")
+    assert titles and all("finished, round 5 of 5" in t for t in titles), titles
+    write_report(run)  # without it, the summary's status
+    assert "running, round 5 of 5" in titles[-1]

@@ -11,6 +11,7 @@ temporary name, then renamed, so a reader never sees half a PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import textwrap
@@ -50,8 +51,11 @@ PANELS: tuple[tuple[str, dict[str, str], str | None], ...] = (
 DPI = 110
 
 
-def write_report(run_dir: Path) -> list[Path]:
+def write_report(run_dir: Path, status: str | None = None) -> list[Path]:
     """Draw the run's figures into ``run_dir`` and return the files written.
+
+    ``status`` is how the run ended when the caller knows it before ``summary.json``
+    says so (a run writes its plots just before its final summary).
 
     Raises :class:`MedbloomError` if ``run_dir`` is not a run directory or holds
     nothing to plot yet.
@@ -66,6 +70,8 @@ def write_report(run_dir: Path) -> list[Path]:
     if not os.access(run_dir, os.W_OK):
         raise MedbloomError(f"{run_dir}: not writable, the figures cannot be saved there")
     run = rundir.read_run(run_dir)
+    if status is not None:
+        run = dataclasses.replace(run, status=status)
     written: list[Path] = []
     if run.metrics:
         written.append(save_figure(learning_curves(run), run_dir / "learning_curves.png"))

@@ -30,7 +30,6 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
-from medbloom.errors import MedbloomError
 from medbloom.experiment import (
     TensorSplit,
     clean_test_indices,
@@ -590,7 +589,7 @@ def run_federation(
         # The plots before the final status: once summary.json says how the run
         # ended, everything is written (`medbloom launch` then stops the processes).
         try:
-            _write_plots(run_dir)
+            _write_plots(run_dir, status)
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
@@ -619,24 +618,21 @@ def _intervals(evaluator: Evaluator, run_dir: Path, seed: int) -> dict[str, Any]
         return None
 
 
-def _write_plots(run_dir: Path) -> None:
-    """The run's PNG plots; a plotting problem is logged, never fatal to the run."""
+def _write_plots(run_dir: Path, status: str) -> None:
+    """The run's PNG plots, titled with how the run ended; a plotting problem is logged,
+    never fatal to the run."""
     from medbloom.plots import write_report
 
     try:
-        write_report(run_dir)
+        write_report(run_dir, status)
     except Exception as exc:
         log.warning("could not write the plots: %s", exc)
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "checkpoints" / "latest.pt"
-    if not path.exists():
-        raise MedbloomError(f"--resume {run_dir}: no checkpoints/latest.pt, nothing to resume")
-    ckpt: dict[str, Any] = torch.load(path, weights_only=False)
-    if "strategy" not in ckpt:
-        raise MedbloomError(f"--resume {run_dir}: {path} has no resume state")
-    return ckpt
+    from medbloom.runs import load_resume_checkpoint
+
+    return load_resume_checkpoint(run_dir)
 
 
 def _unpacked(
