@@ -112,12 +112,15 @@ def perceptual_hashes(images: np.ndarray, progress: bool = False) -> np.ndarray:
     ``(N, 4)`` uint64."""
     import imagehash
     from PIL import Image
-    from tqdm import tqdm
+
+    from medbloom.progress import progress_bar
 
     out = np.empty((len(images), HASH_BITS // 8), dtype=np.uint8)
-    for i in tqdm(range(len(images)), desc="hash", unit="img", disable=not progress):
-        bits = imagehash.dhash(Image.fromarray(grey(images[i])), hash_size=HASH_SIZE).hash
-        out[i] = np.packbits(bits.reshape(-1))
+    with progress_bar(len(images), "hash", "img", enabled=progress) as bar:
+        for i in range(len(images)):
+            bits = imagehash.dhash(Image.fromarray(grey(images[i])), hash_size=HASH_SIZE).hash
+            out[i] = np.packbits(bits.reshape(-1))
+            bar.update()
     return out.view(np.uint64).reshape(len(images), WORDS)
 
 

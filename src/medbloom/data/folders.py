@@ -643,14 +643,14 @@ def _decode_all(
     progress: bool,
     workers: int | None,
 ) -> _Decoded:
-    from tqdm import tqdm
+    from medbloom.progress import progress_bar
 
     n = len(listing.paths)
     tasks = [(str(p), image_size, channels, crop) for p in listing.paths]
     images = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(n, dtype=bool)
     skipped: list[tuple[str, str]] = []
-    with tqdm(total=n, desc=f"decode {name}", unit="img", disable=not progress) as bar:
+    with progress_bar(n, f"decode {name}", "img", enabled=progress) as bar:
         for i, (array, error) in enumerate(_decode_results(tasks, _worker_count(workers, n))):
             if array is not None:
                 images[i] = array

@@ -282,14 +282,12 @@ def fetch(
 
 
 def _download(url: str, out: Any, progress: bool, timeout: float, label: str) -> None:
-    from tqdm import tqdm
+    from medbloom.progress import progress_bar
 
     request = urllib.request.Request(url, headers={"User-Agent": "medbloom"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"download {label}", disable=not progress
-        ) as bar:
+        with progress_bar(total, f"download {label}", "B", progress, scale=True) as bar:
             while block := response.read(1 << 16):
                 out.write(block)
                 bar.update(len(block))
