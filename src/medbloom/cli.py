@@ -400,9 +400,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    import subprocess
-
     from medbloom.launch import check_host, flower_env
+    from medbloom.system import run_forwarding_signals
 
     home = Path(args.flwr_home).expanduser().absolute()
     home.mkdir(parents=True, exist_ok=True)
@@ -435,7 +434,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         f"{home / 'config.toml'} (FLWR_HOME={home})",
         flush=True,
     )
-    return subprocess.call(cmd, env=flower_env(home))
+    # SIGTERM (or Ctrl-C) is passed on to the SuperLink, which must not outlive this command
+    return run_forwarding_signals(cmd, env=flower_env(home))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -79,3 +79,44 @@ def exit_without_teardown(code: int) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def run_forwarding_signals(
+    cmd: list[str], env: dict[str, str] | None = None, grace: float = 10.0
+) -> int:
+    """Run ``cmd`` as a child and wait for it; SIGTERM and SIGINT sent to this process
+    are passed on to the child, which then shuts down as it would on its own, so
+    stopping the parent (a scheduler, ``systemd``, ``timeout``, ``kill``) never leaves
+    the child running. A child still running ``grace`` seconds after the first signal
+    is killed. Returns the exit code as a shell reports it: 143 (128 + SIGTERM) when
+    this process was asked to stop by SIGTERM, 128 + N when signal N ended the child."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[tuple[int, float]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > grace:
+                    proc.kill()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if received and received[0][0] == signal.SIGTERM:
+        return 128 + signal.SIGTERM
+    return 128 - code if code < 0 else code

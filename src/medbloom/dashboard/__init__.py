@@ -8,11 +8,11 @@ runs in its own process and only reads files (see :mod:`medbloom.dashboard.rundi
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from medbloom.errors import MedbloomError
+from medbloom.system import run_forwarding_signals
 
 APP = Path(__file__).with_name("app.py")
 DEFAULT_PORT = 8501
@@ -64,8 +64,9 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 def launch(runs_dir: Path, port: int, host: str = "127.0.0.1") -> int:
     """Serve the dashboard for ``runs_dir`` on ``http://host:port`` until it stops.
 
-    Returns the server's exit code (128 + N if signal N ended it). Ctrl-C stops it:
-    the terminal sends SIGINT to the server as well, which shuts down cleanly.
+    Returns the server's exit code (128 + N if signal N ended it; 143 when this
+    process got SIGTERM). Ctrl-C or SIGTERM stops it: the signal is passed on to the
+    server, which shuts down cleanly.
     ``runs_dir`` need not exist yet: the dashboard says so and shows runs as soon
     as they appear.
     """
@@ -74,17 +75,6 @@ def launch(runs_dir: Path, port: int, host: str = "127.0.0.1") -> int:
         raise MedbloomError(f"--runs {runs_dir}: not a folder")
     check_port(port, host)
     print(f"medbloom dashboard: http://{host}:{port} (runs in {runs_dir}); Ctrl-C stops it")
-    proc = subprocess.Popen(dashboard_command(runs_dir, port, host))
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-    return 128 - code if code < 0 else code
+    # Ctrl-C and SIGTERM go on to Streamlit, which shuts down cleanly; it never
+    # outlives this command
+    return run_forwarding_signals(dashboard_command(runs_dir, port, host))
