@@ -17,7 +17,6 @@ import numpy as np
 from medbloom.data.audit import (
     HASH_BITS,
     MAX_THRESHOLD,
-    SPLITS,
     Audit,
     check_threshold,
     grey,
@@ -99,8 +98,7 @@ def _bands(threshold: int) -> list[tuple[int, int]]:
     if len(edges) == 1:
         bands += [(0, 0)]
     bands += [
-        (0 if k == 0 else int(a) + 1, int(b))
-        for k, (a, b) in enumerate(itertools.pairwise(edges))
+        (0 if k == 0 else int(a) + 1, int(b)) for k, (a, b) in enumerate(itertools.pairwise(edges))
     ]
     top = min(threshold + SHEET_MARGIN, MAX_THRESHOLD)
     if top > threshold:
@@ -147,7 +145,7 @@ def _examples(audit: Audit, seed: int) -> list[tuple[tuple[int, int], list[tuple
     return out
 
 
-def contact_sheet(audit: Audit, images: np.ndarray, path: Path, seed: int = 0) -> Path:
+def contact_sheet(audit: Audit, splits: Splits, path: Path, seed: int = 0) -> Path:
     """A PNG of example twin pairs, one row per band of distances (exact, bands up to
     the threshold, and two bands above it that are not flagged), each pair side by side
     with its distance, splits and labels, so a person can judge the threshold."""
@@ -167,7 +165,8 @@ def contact_sheet(audit: Audit, images: np.ndarray, path: Path, seed: int = 0) -
     )
 
     def thumb(g: int) -> Image.Image:
-        x = np.asarray(images[g])
+        split, index = audit.local(g)
+        x = np.asarray(getattr(splits, split).images[index])
         if x.ndim == 3 and x.shape[0] == 3:
             im = Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), "RGB")
         else:
@@ -278,11 +277,10 @@ def run_audit(
     audit = audit_splits(splits, check_threshold(threshold), progress=progress)
     record = audit.to_json()
     record["dataset"] = title
-    images = np.concatenate([getattr(splits, s).images for s in SPLITS])
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "audit.json", record)
-        contact_sheet(audit, images, out / "contact_sheet.png", seed=seed)
+        contact_sheet(audit, splits, out / "contact_sheet.png", seed=seed)
     except OSError as exc:
         raise MedbloomError(
             f"--out {out}: cannot write the audit ({exc.strerror or exc})"

@@ -365,7 +365,7 @@ class Audit:
 
 
 def audit_images(
-    images: np.ndarray,
+    images: np.ndarray | None,
     labels: np.ndarray,
     sizes: dict[str, int],
     class_names: Sequence[str],
@@ -376,12 +376,14 @@ def audit_images(
     names: dict[str, list[str]] | None = None,
     progress: bool = False,
 ) -> Audit:
-    """Audit images already concatenated in split order (train, val, test)."""
+    """Audit images already concatenated in split order (train, val, test); ``images``
+    may be None where ``hashes`` and ``digests`` are given."""
     threshold = check_threshold(threshold)
-    if hashes is None:
-        hashes = perceptual_hashes(images, progress=progress)
-    if digests is None:
-        digests = pixel_digests(images)
+    if hashes is None or digests is None:
+        if images is None:
+            raise ValueError("audit_images needs the images, or their hashes and digests")
+        hashes = perceptual_hashes(images, progress=progress) if hashes is None else hashes
+        digests = pixel_digests(images) if digests is None else digests
     ni, nj, _ = near_pairs(hashes, threshold)
     ei, ej = exact_pairs(digests)
     n = len(hashes)
@@ -407,13 +409,6 @@ def audit_images(
     )
 
 
-def _all_images(splits: Splits) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    parts = [splits.train, splits.val, splits.test]
-    images = np.concatenate([p.images for p in parts])
-    labels = np.concatenate([np.asarray(p.labels) for p in parts])
-    return images, labels, {s: len(p) for s, p in zip(SPLITS, parts, strict=True)}
-
-
 def audit_splits(
     splits: Splits,
     threshold: int = DEFAULT_THRESHOLD,
@@ -423,12 +418,15 @@ def audit_splits(
 ) -> Audit:
     """Audit a loaded data set; its hashes are cached under ``cache_dir`` (default: the
     user cache's ``audit`` folder), keyed by the pixels' digests."""
-    images, labels, sizes = _all_images(splits)
-    digests = pixel_digests(images)
-    hashes = cached_hashes(images, digests, cache_dir, progress=progress)
+    # split by split, never one copy of every image (ChestMNIST at 224 px is 5.6 GB)
+    parts = [splits.train.images, splits.val.images, splits.test.images]
+    labels = np.concatenate([np.asarray(s.labels) for s in (splits.train, splits.val, splits.test)])
+    sizes = {s: len(p) for s, p in zip(SPLITS, parts, strict=True)}
+    digests = np.concatenate([pixel_digests(p) for p in parts])
+    hashes = cached_hashes(parts, digests, cache_dir, progress=progress)
     names = splits.spec.extra.get("files") or {}
     return audit_images(
-        images,
+        None,
         labels,
         sizes,
         splits.spec.class_names,
@@ -447,22 +445,27 @@ def default_cache_dir() -> Path:
 
 
 def cached_hashes(
-    images: np.ndarray, digests: np.ndarray, cache_dir: Path | None = None, progress: bool = False
+    parts: Sequence[np.ndarray],
+    digests: np.ndarray,
+    cache_dir: Path | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
-    """The perceptual hashes of ``images``, read from a cache file named by the digest of
-    every image's pixel digest (so the same pixels in the same order hit it), or
-    computed and written there (atomically; an unwritable cache is no error)."""
+    """The perceptual hashes of the images of ``parts`` (arrays of images, in order),
+    read from a cache file named by the digest of every image's pixel digest (so the
+    same pixels in the same order hit it), or computed and written there (atomically;
+    an unwritable cache is no error)."""
+    n = sum(len(p) for p in parts)
     folder = cache_dir if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(f"{_HASH_VERSION}\0{HASH_METHOD}\0".encode())
     key.update(np.ascontiguousarray(digests).tobytes())
     path = folder / f"dhash-{key.hexdigest()[:32]}.npy"
     try:
         cached = np.load(path, allow_pickle=False)
-        if cached.shape == (len(images), WORDS) and cached.dtype == np.uint64:
+        if cached.shape == (n, WORDS) and cached.dtype == np.uint64:
             return np.asarray(cached)
     except (OSError, ValueError):
         pass
-    hashes = perceptual_hashes(images, progress=progress)
+    hashes = np.concatenate([perceptual_hashes(p, progress=progress) for p in parts])
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
