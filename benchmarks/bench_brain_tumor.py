@@ -89,13 +89,18 @@ def run_one(
                 proc.wait()
                 break
             time.sleep(0.5)
-    rows = read_csv(out / "metrics.csv")
-    if proc.returncode not in (0, 130) or not rows:
+    if proc.returncode not in (0, 130) or not read_csv(out / "metrics.csv"):
         print(log_path.read_text()[-3000:], file=sys.stderr)
         sys.exit(f"{name}: medbloom run failed with code {proc.returncode}")
+    return read_result(out, budget, first_row if first_row is not None else 0.0)
+
+
+def read_result(out: Path, budget: float, offset: float) -> RunResult:
+    """A run directory's rows within the budget (``offset``: seconds from the command's
+    start to round 0), per-class reports and config."""
+    rows = read_csv(out / "metrics.csv")
     m = [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
     # elapsed_seconds counts from the first evaluation; the budget counts from the command.
-    offset = first_row if first_row is not None else 0.0
     in_time = [r for r in m if offset + r["elapsed_seconds"] <= budget] or m[:1]
     per_class: dict[int, dict[str, Any]] = {}
     pc_file = out / "per_class.jsonl"
@@ -131,6 +136,15 @@ def main() -> None:
     )
     p.add_argument("--warm", action="store_true", help="reuse the user's decoded-image cache")
     p.add_argument("--keep", type=Path, default=None, help="folder to keep the run directories in")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run nothing: print the tables of the run directories DIR/<setup> that an "
+        "earlier --keep DIR left (finished, or resumed with medbloom run --resume); "
+        "seconds then count from round 0",
+    )
     a, extra = p.parse_known_args()
     setups = [s.strip() for s in a.setups.split(",") if s.strip()]
     unknown = [s for s in setups if s not in SETUPS]
@@ -143,6 +157,13 @@ def main() -> None:
     keep.mkdir(parents=True, exist_ok=True)
     common = ["--dataset", "brain-tumor-mri", "--data-dir", str(DATA_DIR)]
     results: dict[str, RunResult] = {}
+    if a.report is not None:
+        for name in setups:
+            if (a.report / name / "metrics.csv").is_file():
+                results[name] = read_result(a.report / name, a.budget, 0.0)
+        if not results:
+            sys.exit(f"--report {a.report}: no run directory of {', '.join(setups)} in it")
+        setups = []
     for name in setups:
         args = [*common, *SETUPS[name][0], "--rounds", str(a.rounds)]
         args += ["--round-timeout", str(a.budget), *extra]
@@ -238,6 +259,9 @@ def main() -> None:
             f"- {name}: round 0 (decoding, partitioning, first evaluation) ended "
             f"{res.offset:.0f} s after the command started; median {med:.1f} s a round"
         )
+    if a.report is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     cold_cache = tmp / "cache-decode"
     cold = decode_seconds(cold_cache)
     warm = decode_seconds(cold_cache)
