@@ -141,7 +141,7 @@ def _fake_run(run_dir: Path, status: str, acc: float, auc: float, worst: float) 
     sweep reads); the hospitals last scored a model in round 1 (--site-eval-every 1 of
     a run stopped... or every 2nd round), so round 2's cell is empty."""
     run_dir.mkdir(parents=True)
-    final = {"round": 2, "accuracy": acc, "auc": auc, "f1": acc - 0.1}
+    final = {"round": 2, "accuracy": acc, "auc": auc, "f1": acc - 0.1, "clean_accuracy": acc - 0.05}
     summary = {"status": status, "rounds_completed": 2, "final": final, "wall_seconds": 3.0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     rows = f"round,accuracy,worst_site_accuracy\n0,0.5,\n1,0.6,{worst!r}\n2,{acc!r},\n"
@@ -165,7 +165,11 @@ def test_comparison_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert groups["fedavg"]["accuracy_std"] == pytest.approx(0.04)  # sample std of .80 .84 .88
     assert groups["fedprox"]["worst_site_accuracy_mean"] == pytest.approx(0.525)
     table = comparison_table(sweep, rows)
-    assert "| fedavg | 3/3 | 0.840 +/- 0.040 | 0.900 +/- 0.000 | 0.640 +/- 0.040 |" in table
+    assert groups["fedavg"]["clean_accuracy_mean"] == pytest.approx(0.79)
+    assert (
+        "| fedavg | 3/3 | 0.840 +/- 0.040 | 0.790 +/- 0.040 | 0.900 +/- 0.000 | 0.640 +/- 0.040 |"
+        in table
+    )
     assert "| fedprox | 2/3 | 0.725 +/- 0.035 |" in table
 
 

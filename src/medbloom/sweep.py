@@ -54,9 +54,10 @@ from medbloom.runs import atomic_write_json, atomic_write_text, jsonable
 
 SECTIONS = ("sweep", "base", "grid")
 # the scores sweep.csv takes from each experiment's summary.json
-SCORES = ("accuracy", "auc", "f1")
+SCORES = ("accuracy", "auc", "f1", "clean_accuracy")
 COMPARED = (
     ("accuracy", "test ACC"),
+    ("clean_accuracy", "clean test ACC"),
     ("auc", "test AUC"),
     ("worst_site_accuracy", "worst-site ACC"),
 )
