@@ -300,7 +300,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     splits = splits_for(cfg)
     names = splits.spec.class_names
     width = max(8, *(len(n) for n in names))
-    dedup = cfg.deduplication()
+    dedup = cfg.dedup
     print(
         f"{cfg.dataset}: {cfg.partition} partition of {len(splits.train)} training samples "
         f"across {cfg.num_clients} clients (seed {cfg.seed}; --dedup {dedup})"

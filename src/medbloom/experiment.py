@@ -65,7 +65,7 @@ def training_splits(dataset: str, size: int, data_dir: str, dedup: str, threshol
 
 def splits_for(cfg: ExperimentConfig) -> Splits:
     """The data a run trains on: the data set after ``--dedup``."""
-    dedup = cfg.deduplication()
+    dedup = cfg.dedup
     threshold = cfg.dup_threshold if dedup != "none" else 0
     return training_splits(cfg.dataset, cfg.size, cfg.data_dir, dedup, threshold)
 
@@ -80,7 +80,7 @@ def clean_test_indices(cfg: ExperimentConfig) -> np.ndarray | None:
 
 def _partition_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything a partition depends on, besides the data itself."""
-    dedup = cfg.deduplication()
+    dedup = cfg.dedup
     return {
         "dataset": cfg.dataset,
         "size": cfg.size,
@@ -336,7 +336,6 @@ def prepare_run(
         model=resolve_model(cfg.model, cfg.dataset),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
-        dedup=cfg.deduplication(),
     )
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()
