@@ -26,7 +26,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from medbloom.federation.flower_internals import Gate, _on_control, _on_fleet, _tracing, gated
+from medbloom.federation.flower_internals import Gate, _on_control, _on_fleet, gated
 from medbloom.launch import flower_env, free_port, wait_for_port
 
 
@@ -136,7 +136,7 @@ def test_other_scopes_always_go_through_the_layer() -> None:
     assert seen == ["layer:lifespan"]
 
 
-def test_the_gates_follow_the_paths_and_the_tracing_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gates_follow_the_paths() -> None:
     def scope(path: str) -> dict[str, Any]:
         return {"type": "http", "path": path, "headers": [], "server": ("127.0.0.1", 80)}
 
@@ -145,10 +145,6 @@ def test_the_gates_follow_the_paths_and_the_tracing_switch(monkeypatch: pytest.M
     assert _on_fleet(scope("/v1/fleet/pull-messages"))
     assert not _on_fleet(scope("/v1/runtime/pull-messages"))
     assert not _on_fleet(scope("/v1/fleetx/pull-messages"))
-    monkeypatch.delenv("FLWR_TRACING_ENABLED", raising=False)
-    assert not _tracing(scope("/v1/runtime/pull-task-input"))
-    monkeypatch.setenv("FLWR_TRACING_ENABLED", "1")
-    assert _tracing(scope("/v1/runtime/pull-task-input"))
 
 
 def test_flowers_translation_layers_stay_on_every_route() -> None:
@@ -167,7 +163,6 @@ def test_flowers_translation_layers_stay_on_every_route() -> None:
             "ControlSensitiveResponseMiddleware",
             "ControlAuthenticationMiddleware",
             "ControlLicenseMiddleware",
-            "RuntimeTracingMiddleware",
             "ControlEventLogMiddleware",
             "NodeAuthMiddleware",
             "FleetEventLogMiddleware",

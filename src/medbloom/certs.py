@@ -26,7 +26,7 @@ file                mode   content
                            ``flwr supernode register node_<i>.pub CONNECTION``.
 ==================  =====  ===========================================================
 
-Why these formats: Flower 1.41 loads the SuperNode key with
+Why these formats: Flower 1.42 (as 1.41) loads the SuperNode key with
 ``cryptography``'s ``load_ssh_private_key`` and requires an ``EllipticCurvePrivateKey``
 (ed25519 or RSA keys make ``flower-supernode`` exit with code 302), and ``flwr supernode
 register`` loads the public key with ``load_ssh_public_key`` and accepts only NIST curves
@@ -322,7 +322,7 @@ def load_bundle(directory: Path) -> CertBundle:
 def connection_toml(name: str, address: str, ca_cert: Path) -> str:
     """A ``[superlink.NAME]`` table for ``$FLWR_HOME/config.toml`` that uses TLS.
 
-    ``address`` is the SuperLink's ``host:port`` (in Flower 1.41 one HTTP port serves the
+    ``address`` is the SuperLink's ``host:port`` (in Flower 1.42 one HTTP port serves the
     Fleet, Control and Runtime APIs). ``root-certificates`` is written as an absolute path:
     the ``flwr`` CLI reads it relative to its working directory, not to the config file.
     """

@@ -2,7 +2,7 @@
 
 medbloom's apps use Flower's public API (``flwr.app``, ``flwr.serverapp``,
 ``flwr.clientapp``, ``flwr.simulation``). A few things it needs are not offered there,
-and each depends on how Flower 1.41 is built inside:
+and each depends on how Flower 1.42 is built inside:
 
 * the long-lived ClientApp worker of a hospital process runs tasks as Flower's own
   ``flwr-clientapp`` does, with the functions of ``flwr.supernode.runtime``
@@ -12,8 +12,7 @@ and each depends on how Flower 1.41 is built inside:
 * the SuperNode polls sooner than every 3 s (:func:`supernode_sleeps`: the loop
   module's ``time``);
 * the SuperLink's HTTP middleware layers act only on the routes they act on
-  (:func:`gate_superlink_middleware`: replaces ``flwr.superlink.main._get_middleware``;
-  :func:`gate_supernode_tracing`);
+  (:func:`gate_superlink_middleware`: replaces ``flwr.superlink.main._get_middleware``);
 * a pull of a message part that is not there yet is retried after 0.05 s, not 1 s
   (:func:`shorten_pull_backoff`), and a pull of a reply's parts gives up after the
   round's timeout, not after Flower's two hours (:func:`bound_pull_time`; both set
@@ -37,7 +36,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -45,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
-FLOWER_VERSION = "1.41.0"  # the version every patch here was written for and tested on
+FLOWER_VERSION = "1.42.0"  # the version every patch here was written for and tested on
 INSTALLED_VERSION = importlib.metadata.version("flwr")
 
 log = logging.getLogger("medbloom.worker")
@@ -208,7 +206,7 @@ def on_message_stored(*callbacks: Callable[[], None]) -> bool:
     return True
 
 
-SUPERNODE_IDLE_SLEEP = 3.0  # Flower 1.41's sleep between polls when no message came
+SUPERNODE_IDLE_SLEEP = 3.0  # Flower 1.42's sleep between polls when no message came
 SUPERNODE_REPLY_CHECK = 0.5  # its sleep between checks for the ClientApp's reply
 
 
@@ -317,21 +315,21 @@ def is_simulation_grid(grid: object) -> bool:
 
 # The SuperLink's middleware, applied where it acts.
 #
-# Flower 1.41's SuperLink serves the Fleet API (the hospitals), the ServerApp's Runtime
-# API and the Control API (``flwr run``) from one FastAPI app, behind nine
-# ``BaseHTTPMiddleware`` layers. Each layer costs every request a task, a memory stream
-# and a wrapped response, also where it only passes the request on: most of them act on
-# Control API routes alone, and a round is hundreds of Fleet and Runtime requests (polls,
-# message parts). With ten hospitals on two cores the SuperLink used 4.0 CPU-s a round,
-# taken from training; 2.8 with the gates below. Each layer that can be skipped is put
-# behind a gate that sends a request past it only when its own code would have passed
-# the request on unchanged:
+# Flower 1.42's SuperLink serves the Fleet API (the hospitals), the ServerApp's Runtime
+# API and the Control API (``flwr run``) from one FastAPI app, behind eight
+# ``BaseHTTPMiddleware`` layers (1.41 had a ninth, for tracing, which 1.42 removed, and the
+# SuperNode's tracing layer with it). Each layer costs every request a task, a memory
+# stream and a wrapped response, also where it only passes the request on: most of them
+# act on Control API routes alone, and a round is hundreds of Fleet and Runtime requests
+# (polls, message parts). With ten hospitals on two cores, on Flower 1.41, the SuperLink
+# used 4.0 CPU-s a round, taken from training; 2.8 with the gates below. Each layer that
+# can be skipped is put behind a gate that sends a request past it only when its own code
+# would have passed the request on unchanged:
 #
 # * the Control API layers (authentication, licence, event log, no-cache headers of the
 #   login routes) see every ``/v1/control/`` request, as before;
 # * the SuperNode authentication and the Fleet event log see every ``/v1/fleet/`` request
 #   (the event log only when an event-log plugin is set);
-# * the tracing layer runs when ``FLWR_TRACING_ENABLED=1``, as Flower checks;
 # * the error translation and the protobuf translation, which act on every request, and
 #   any layer not listed here (extensions) are left as they are.
 
@@ -368,10 +366,6 @@ def _fleet_event_log(scope: Scope) -> bool:
     return plugin is not None and _on_fleet(scope)
 
 
-def _tracing(scope: Scope) -> bool:
-    return os.getenv("FLWR_TRACING_ENABLED") == "1"
-
-
 class Gate:
     """ASGI middleware: HTTP requests go through ``layer`` where ``applies(scope)``,
     straight to the inner app elsewhere; other scopes (lifespan) through ``layer``."""
@@ -392,7 +386,6 @@ class Gate:
 def _rules() -> dict[Any, Applies]:
     """Flower's middleware classes -> when each one acts (checked against Flower's
     own route lists, so a Flower that changes them leaves that layer ungated)."""
-    from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
     from flwr.superlink.routers.control import middlewares as control
     from flwr.superlink.routers.fleet.middlewares import FleetEventLogMiddleware
     from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
@@ -403,7 +396,6 @@ def _rules() -> dict[Any, Applies]:
         control.ControlEventLogMiddleware: _on_control,
         NodeAuthMiddleware: _on_fleet,
         FleetEventLogMiddleware: _fleet_event_log,
-        RuntimeTracingMiddleware: _tracing,
     }
     if all(path.startswith(CONTROL) for _, path in control.CONTROL_SENSITIVE_ROUTE_KEYS):
         rules[control.ControlSensitiveResponseMiddleware] = _on_control
@@ -438,26 +430,6 @@ def gate_superlink_middleware() -> bool:
     return True
 
 
-def gate_supernode_tracing() -> bool:
-    """The same gate for the one layer of a SuperNode's Runtime API that can pass
-    requests on unchanged (tracing; its other two translate every request). False
-    where not patched."""
-    if not patching():
-        return False
-    from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
-    from flwr.supernode import main as app_module
-    from starlette.middleware import Middleware
-
-    tracing = Middleware(RuntimeTracingMiddleware)
-
-    def gated_tracing(app: Any) -> Gate:
-        return Gate(app, layer=tracing, applies=_tracing)
-
-    # the name create_app adds (its module imported it from Flower's tracing module)
-    vars(app_module)["RuntimeTracingMiddleware"] = gated_tracing
-    return True
-
-
 # --------------------------------------------------------------------------------------
 # What the code above relies on
 # --------------------------------------------------------------------------------------
@@ -466,14 +438,23 @@ def gate_supernode_tracing() -> bool:
 def assumption_failures() -> list[str]:
     """Each way the installed Flower differs from what this module relies on, in words
     (empty: every assumption holds). tests/test_flower_internals.py asserts it is empty."""
-    failures: list[str] = []
+    return [
+        what + (f" ({detail})" if detail else "")
+        for what, holds, detail in assumption_report()
+        if not holds
+    ]
+
+
+def assumption_report() -> list[tuple[str, bool, str]]:
+    """Every assumption this module makes about the installed Flower: (what, whether it
+    holds, why not). ``python -m medbloom.federation.flower_internals`` prints it."""
+    report: list[tuple[str, bool, str]] = []
 
     def check(what: str, ok: Callable[[], object]) -> None:
         try:
-            if not ok():
-                failures.append(what)
+            report.append((what, bool(ok()), ""))
         except Exception as exc:  # an import or attribute that is gone
-            failures.append(f"{what} ({type(exc).__name__}: {exc})")
+            report.append((what, False, f"{type(exc).__name__}: {exc}"))
 
     def params(fn: Callable[..., Any]) -> set[str]:
         return set(inspect.signature(fn).parameters)
@@ -531,15 +512,7 @@ def assumption_failures() -> list[str]:
     )
     check(
         "every gated middleware class exists, the control ones in CONTROL_SENSITIVE_ROUTE_KEYS",
-        lambda: len(_rules()) == 7,
-    )
-    check(
-        "the SuperNode app adds RuntimeTracingMiddleware by its module-level name",
-        lambda: (
-            has("flwr.supernode.main", "RuntimeTracingMiddleware")
-            and "RuntimeTracingMiddleware"
-            in inspect.getsource(importlib.import_module("flwr.supernode.main").create_app)
-        ),
+        lambda: len(_rules()) == 6,
     )
     check(
         "flwr.supernode.runtime.run_clientapp has the task functions the worker calls",
@@ -554,7 +527,7 @@ def assumption_failures() -> list[str]:
         "the simulation grid is flwr.superlink.grid.InMemoryGrid",
         lambda: has("flwr.superlink.grid", "InMemoryGrid"),
     )
-    return failures
+    return report
 
 
 def _metadata() -> Any:
@@ -567,3 +540,8 @@ def _metadata() -> Any:
         if p.default is p.empty
     }
     return Metadata(**{**fields, "message_type": MessageType.QUERY})
+
+
+if __name__ == "__main__":
+    for what, holds, detail in assumption_report():
+        print(f"{'holds' if holds else 'FAILS'}  {what}" + (f" ({detail})" if detail else ""))

@@ -91,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from medbloom.federation.worker import serve, setup_logging
 
     setup_logging()
-    if not ablated("gates"):
-        flower_internals.gate_supernode_tracing()
     if not ablated("pulls"):
         flower_internals.shorten_pull_backoff()
     wake = threading.Event()

@@ -1,6 +1,6 @@
 """How model weights travel between the server and the hospitals: packed.
 
-Flower 1.41 sends every array of an ``ArrayRecord`` as objects of their own (the
+Flower 1.42 (as 1.41) sends every array of an ``ArrayRecord`` as objects of their own (the
 array and its chunks), each pushed and pulled with a request of its own, and in a
 deployment each request is checked and stored by the SuperLink. A model of 14
 tensors makes a message of some 33 objects; ten hospitals make about a thousand

@@ -1,6 +1,6 @@
 """A long-lived ClientApp worker for one SuperNode (Flower's ``--isolation process``).
 
-By default a Flower 1.41 SuperNode starts a fresh ``flwr-clientapp`` process for
+By default a Flower 1.42 SuperNode starts a fresh ``flwr-clientapp`` process for
 every message: Python, torch and Flower are imported again, the data is read and
 partitioned again, the model is built again, every round (seen: 14-26 s a round
 for a tiny model). With ``flower-supernode --isolation process`` the SuperNode
