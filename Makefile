@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Flower's CLIs start each other by name (flower-superlink runs flower-superexec).
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench dashboard clean help
+.PHONY: install run test lint bench dashboard docs clean help
 
 help:
 	@echo "make run    set up .venv, install, run the default experiment (ARGS='--rounds 5' to change it)"
@@ -22,6 +22,7 @@ help:
 	@echo "make lint   ruff and mypy only"
 	@echo "make bench  run the benchmark scripts in benchmarks/"
 	@echo "make dashboard  live dashboard of ./runs on http://127.0.0.1:8501"
+	@echo "make docs   regenerate docs/options.md from the code"
 
 # torch first, pinned to the CPU build: a looser request makes pip pull several GB of CUDA
 # packages. medmnist with --no-deps: its own requirements pull torchvision (and a CUDA torch),
@@ -49,6 +50,9 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
+
+docs: $(STAMP)
+	$(BIN)/python -m medbloom.reference > docs/options.md
 
 dashboard: $(STAMP)
 	$(BIN)/medbloom dashboard $(ARGS)
