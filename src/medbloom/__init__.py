@@ -17,6 +17,10 @@ _FLOWER_OFFLINE_ENV = {
     "RAY_DEDUP_LOGS": "0",
     # Silences a FutureWarning Ray prints in every run that uses no GPU.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray's C++ failure-signal handler takes SIGTERM from the process that starts Ray
+    # and aborts it (exit 134, a stack dump, summary.json left "running"); without it
+    # SIGTERM reaches medbloom's own handler and stops the run as Ctrl-C does.
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 for _key, _value in _FLOWER_OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)

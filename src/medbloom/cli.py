@@ -110,6 +110,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
             flush=True,
         )
         stop.set()
+        _STOPPING.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -234,14 +235,22 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Set once the user asked the run to stop (Ctrl-C, SIGTERM).
+_STOPPING = threading.Event()
+
+
 class _FlowerNoise(logging.Filter):
     """Drops Flower's console notices that say nothing to a medbloom user: the
-    deprecation of the Python simulation API medbloom drives on purpose, and the
-    skipped client-side evaluation (medbloom evaluates at the server)."""
+    deprecation of the Python simulation API medbloom drives on purpose, the skipped
+    client-side evaluation (medbloom evaluates at the server), and, once a stop was
+    asked for, the errors of workers that the same signal ended (``timeout`` and
+    ``systemd`` signal every process of the run; the run's log file keeps them)."""
 
     NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _STOPPING.is_set():
+            return False
         msg = record.getMessage()
         return not any(n in msg for n in self.NOISE)
 

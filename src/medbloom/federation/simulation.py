@@ -59,11 +59,39 @@ def run_simulation(
 
     server = make_server_app(cfg, run_dir, on_round, stop, resume)
     client = client_app or make_client_app(cfg, slot_order=largest_first(cfg))
+    config = backend_config(cfg)
+    _start_ray_keeping_signal_handlers(config["init_args"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
             server_app=server,
             client_app=client,
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config(cfg),
+            backend_config=config,
         )
+
+
+def _start_ray_keeping_signal_handlers(init_args: dict[str, Any]) -> None:
+    """Start Ray as Flower's Simulation Engine would (it then finds Ray running and
+    uses it), and put back this process's SIGTERM and SIGINT handlers, which
+    ``ray.init`` replaces with its own (SIGTERM: exit at once, bypassing medbloom's
+    clean stop). Without this, SIGTERM from a scheduler, ``systemd`` or ``timeout``
+    did not stop a run, or aborted it with the run directory saying "running"."""
+    import os
+    import signal
+    import sys
+
+    import ray
+
+    if ray.is_initialized() or threading.current_thread() is not threading.main_thread():
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    # what Flower's Ray backend passes: its workers see this process's sys.path
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
