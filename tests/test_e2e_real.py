@@ -98,7 +98,7 @@ def test_medbloom_run_learns_and_writes_the_run_directory(
 
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["num-clients"] == 10 and config["seed"] == 42
-    assert config["versions"]["flwr"] == "1.41.0"
+    assert config["versions"]["flwr"] == "1.42.0"
 
     parts = json.loads((out / "partitions.json").read_text())
     assert len(parts["clients"]) == 10
