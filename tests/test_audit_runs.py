@@ -70,8 +70,20 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_clean_split_is_the_test_split_minus_the_planted_twins(tmp_path: Path) -> None:
-    run_dir = _run(tmp_path, "on")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for this module's runs, so that the run with the defaults serves
+    every test that reads it (each run is a few seconds of Ray)."""
+    return tmp_path_factory.mktemp("audit-runs")
+
+
+def _default_run(root: Path) -> Path:
+    return root / "on" if (root / "on" / "summary.json").exists() else _run(root, "on")
+
+
+def test_clean_split_is_the_test_split_minus_the_planted_twins(runs: Path) -> None:
+    tmp_path = runs
+    run_dir = _default_run(runs)
     leak = json.loads((run_dir / "leakage.json").read_text())
     left_out = {e["test_index"]: e for e in leak["left_out"]}
     assert set(left_out) == set(EXACT) | set(NEAR)
@@ -104,8 +116,8 @@ def test_clean_split_is_the_test_split_minus_the_planted_twins(tmp_path: Path) -
     assert sum(per_class["clean"]["support"]) == 26
 
 
-def test_audit_off_leaves_training_and_official_scores_unchanged(tmp_path: Path) -> None:
-    on, off = _run(tmp_path, "on"), _run(tmp_path, "off", audit="off")
+def test_audit_off_leaves_training_and_official_scores_unchanged(runs: Path) -> None:
+    on, off = _default_run(runs), _run(runs, "off", audit="off")
     a, b = _rows(on), _rows(off)
     timing = {"round_seconds", "eval_seconds", "elapsed_seconds"}
     clean = {k for k in a[0] if k.startswith("clean_")}
@@ -123,8 +135,8 @@ def test_audit_off_leaves_training_and_official_scores_unchanged(tmp_path: Path)
     assert sum(p["num_train"] + p["num_val"] for p in parts[0]) == COUNTS["train"]
 
 
-def test_dedup_near_drops_the_training_copies_before_partitioning(tmp_path: Path) -> None:
-    run_dir = _run(tmp_path, "dedup", dedup="near")
+def test_dedup_near_drops_the_training_copies_before_partitioning(runs: Path) -> None:
+    run_dir = _run(runs, "dedup", dedup="near")
     leak = json.loads((run_dir / "leakage.json").read_text())
     assert leak["dedup"] == {
         "mode": "near",
