@@ -70,14 +70,6 @@ def splits_for(cfg: ExperimentConfig) -> Splits:
     return training_splits(cfg.dataset, cfg.size, cfg.data_dir, dedup, threshold)
 
 
-def clean_test_indices(cfg: ExperimentConfig) -> np.ndarray | None:
-    """Indices into the test split of its clean images (no twin among the training
-    images), or None with ``--audit off``."""
-    if cfg.audit == "off":
-        return None
-    return load_audit(cfg.dataset, cfg.size, cfg.data_dir, cfg.dup_threshold).clean_test_indices()
-
-
 def _partition_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything a partition depends on, besides the data itself."""
     dedup = cfg.dedup
@@ -347,7 +339,6 @@ def prepare_run(
     # what the clients of this run check before they use the recorded partition
     pmap["settings"] = _partition_settings(resolved)
     files: dict[str, Any] = {"config.json": run_info(resolved, argv), "partitions.json": pmap}
-    audit = None
     if cfg.audit == "on" or cfg.dedup != "none":
         audit = load_audit(cfg.dataset, cfg.size, cfg.data_dir, cfg.dup_threshold)
         files["leakage.json"] = leakage_record(audit, len(splits.train), cfg)

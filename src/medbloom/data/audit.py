@@ -288,11 +288,13 @@ class Audit:
         a, b = self.labels[self.pairs_i], self.labels[self.pairs_j]
         return (a != b).any(axis=1) if a.ndim == 2 else a != b
 
-    def test_twins(self) -> np.ndarray:
-        """A mask over the test split: the images with a twin among the training images
-        (train or val split)."""
+    def test_twins(self, exact_only: bool = False) -> np.ndarray:
+        """A mask over the test split: the images with a twin (an exact twin, with
+        ``exact_only``) among the training images (train or val split)."""
         sa, sb = self.split_of(self.pairs_i), self.split_of(self.pairs_j)
         cross = (sa < 2) & (sb == 2)  # i < j, so a test image is always the second
+        if exact_only:
+            cross &= self.exact
         flagged = np.zeros(self.sizes["test"], dtype=bool)
         flagged[self.pairs_j[cross] - self.offsets["test"]] = True
         return flagged
@@ -319,9 +321,7 @@ class Audit:
         first_label = self.labels[self.pairs_i]
         test_flag = self.test_twins()
         test_labels = self.labels[self.offsets["test"] :]
-        exact_flag = np.zeros(self.sizes["test"], dtype=bool)
-        cross = (sa < 2) & (sb == 2)
-        exact_flag[self.pairs_j[cross & self.exact] - self.offsets["test"]] = True
+        exact_flag = self.test_twins(exact_only=True)
         for c, name in enumerate(self.class_names):
             if first_label.ndim == 2:  # multi-label: pairs whose first image has label c
                 m = first_label[:, c] == 1

@@ -32,7 +32,6 @@ from flwr.serverapp import Grid, ServerApp
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import (
     TensorSplit,
-    clean_test_indices,
     initial_model,
     prepare_run,
     server_data,
@@ -68,10 +67,9 @@ class Evaluator:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.spec, self.val, self.test = server_data(cfg)
-        # the clean test split: test images without a twin among the training images
-        self.clean = clean_test_indices(cfg)
-        if self.clean is not None and len(self.clean) == 0:
-            log.warning("every test image has a twin in training: no clean test split")
+        # the clean test split's indices into the test split (test images without a
+        # twin among the training images); None: not scored
+        self.clean: np.ndarray | None = None
         self.model = initial_model(cfg, self.spec)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_precision(cfg.precision, self.device)
@@ -473,12 +471,16 @@ def run_federation(
     # next round, so evaluation may use every core (clients train on one thread each).
     set_threads(usable_cpus())
     evaluator = Evaluator(cfg)
+    clean = clean_test_split(run_dir, len(evaluator.test))
+    evaluator.clean = clean[1] if clean else None
+    if clean is not None and not len(clean[1]):
+        log.warning("every test image has a twin in training: no clean test split")
     handler = attach_log_file(run_dir / "logs" / "server.log")
     ckpt = _load_resume_state(run_dir) if resume else None
     recorder = RunRecorder(
         run_dir,
         cfg,
-        {**spec_summary(evaluator.spec), "clean_test": clean_test_summary(run_dir)},
+        {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
         resume_round=ckpt["round"] if ckpt else None,
     )
     status, error = "failed", None
@@ -595,15 +597,21 @@ def run_federation(
             detach_log_file(handler)
 
 
-def clean_test_summary(run_dir: Path) -> dict[str, Any] | None:
-    """summary.json's ``clean_test``: how many test images the clean split leaves out
-    and why (from the run's ``leakage.json``); None with ``--audit off``."""
+def clean_test_split(run_dir: Path, n_test: int) -> tuple[dict[str, Any], np.ndarray] | None:
+    """The clean test split as the run recorded it when it was prepared (its
+    ``leakage.json``): summary.json's ``clean_test`` (how many test images it leaves out
+    and why) and the indices of the test images it keeps. None with ``--audit off`` (or
+    a run from before the audit). Read, not recomputed: the server of a deployment runs
+    in another process than the one that audited the data set."""
     try:
         record = json.loads((run_dir / "leakage.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        clean = record["clean_test"]
+        left_out = [int(e["test_index"]) for e in record["left_out"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    clean = record.get("clean_test") if isinstance(record, dict) else None
-    return clean if isinstance(clean, dict) else None
+    if not isinstance(clean, dict):
+        return None
+    return clean, np.setdiff1d(np.arange(n_test), left_out)
 
 
 def _intervals(evaluator: Evaluator, run_dir: Path, seed: int) -> dict[str, Any] | None:
