@@ -7,6 +7,7 @@ sees each round as soon as it ends and a crash loses at most the round in flight
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -17,16 +18,18 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from medbloom.config import ExperimentConfig
-from medbloom.errors import ConfigError, MedbloomError
+from medbloom.errors import ConfigError, MedbloomError, RecordWriteError
+
+log = logging.getLogger("medbloom")
 
 METRICS_COLUMNS = (
     "round",
@@ -99,17 +102,9 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write via a temporary file in the same folder and rename: never a half file.
+    A failure to write (a full disk) is a :class:`RecordWriteError` naming ``path``."""
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -117,13 +112,27 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """``torch.save`` via a temporary file and a rename: a crash mid-write leaves the
+    previous checkpoint whole. Saved through a Python file object, so that a full
+    disk surfaces as the OSError behind torch's own error."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    tmp: str | None = None
     try:
-        torch.save(obj, tmp)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = RecordWriteError.of(path, exc) if isinstance(exc, Exception) else None
+        if error is not None:
+            raise error from exc
         raise
 
 
@@ -244,9 +253,12 @@ class RunRecorder:
     @staticmethod
     def _append(target: tuple[Any, csv.DictWriter[str]], row: Mapping[str, Any]) -> None:
         fh, writer = target
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
-        fh.flush()
-        os.fsync(fh.fileno())
+        try:
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise RecordWriteError(f"cannot write {fh.name}: {exc.strerror or exc}") from exc
 
     def record_clients(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
@@ -322,9 +334,36 @@ class RunRecorder:
         atomic_write_json(self.path / "summary.json", summary)
 
     def close(self, status: str, error: str | None = None) -> None:
-        self.write_summary(status, error)
-        for fh, _ in (self._metrics, self._clients):
-            fh.close()
+        """The final summary, then the files closed. With ``error`` (the run failed),
+        a summary that cannot be written either (the disk that failed the run is
+        still full) is logged, not raised over the error that ended the run."""
+        try:
+            self.write_summary(status, error)
+        except RecordWriteError as exc:
+            if not error:
+                raise
+            log.error("could not mark the run %s in summary.json: %s", status, exc)
+        finally:
+            for fh, _ in (self._metrics, self._clients):
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+
+def mark_summary(run_dir: Path, status: str, error: str) -> None:
+    """Record how a run ended when its own process could not (it was killed, or its
+    server went away): ``summary.json`` keeps what it holds and gets ``status`` and
+    ``error``. A finished run is left as it is."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict) or summary.get("status") == "finished":
+        return
+    summary.update(
+        status=status, error=error, updated_at=datetime.now().isoformat(timespec="seconds")
+    )
+    atomic_write_json(path, summary)
 
 
 def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
+from medbloom.errors import RecordWriteError
 from medbloom.experiment import (
     TensorSplit,
     initial_model,
@@ -483,7 +484,7 @@ def run_federation(
         {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
         resume_round=ckpt["round"] if ckpt else None,
     )
-    status, error = "failed", None
+    status, error, disk_failed = "failed", None, False
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
     simulated = flower_internals.is_simulation_grid(grid)
@@ -584,14 +585,18 @@ def run_federation(
         recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
         raise
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        # a full disk says which file and why, without the exception's class name
+        disk_failed = isinstance(exc, RecordWriteError)
+        error = str(exc) if disk_failed else f"{type(exc).__name__}: {exc}"
         log.error("run failed: %s", error)
         raise
     finally:
         # The plots before the final status: once summary.json says how the run
         # ended, everything is written (`medbloom launch` then stops the processes).
+        # On a full disk, no plots: their room goes to the summary that says so.
         try:
-            _write_plots(run_dir, status)
+            if not disk_failed:
+                _write_plots(run_dir, status)
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
