@@ -254,9 +254,14 @@ def test_a_server_killed_mid_run_resumes_from_its_last_round(tmp_path: Path) -> 
     finally:
         _stop(proc)
     assert proc.returncode == 1, stdout + stderr
+    assert "SuperLink process exited unexpectedly" in stderr, stderr
     done = [int(r["round"]) for r in _rows(out)]
     assert done[-1] < 3
     _assert_nothing_left(tmp_path)
+    # said when launch returned, and not overwritten by the ServerApp on its way out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "SuperLink process exited unexpectedly" in summary["error"], summary["error"]
 
     resumed = subprocess.run(
         [sys.executable, "-m", "medbloom", "launch", "--resume", str(out)],

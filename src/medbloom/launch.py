@@ -29,7 +29,7 @@ from typing import IO, Any
 from medbloom.certs import CertBundle, connection_toml, load_bundle, make_certs
 from medbloom.config import ExperimentConfig
 from medbloom.errors import MedbloomError
-from medbloom.runs import atomic_write_text, read_metrics
+from medbloom.runs import atomic_write_text, mark_summary, read_metrics
 from medbloom.system import ablated, pack_onto_cpus, pin_process
 
 CONNECTION = "medbloom"
@@ -224,6 +224,14 @@ class Deployment:
             if proc is not None and proc.poll() is None:
                 pin_process(proc.pid, {cpu})
 
+    def exited(self, names: tuple[str, ...]) -> tuple[str, int] | None:
+        """The first of the named processes that has exited, with its exit code."""
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                return name, proc.returncode
+        return None
+
     def dead_nodes(self) -> list[str]:
         """Hospital processes that have exited."""
         return [
@@ -266,6 +274,7 @@ class Deployment:
         if not self.port:
             return
         marker = f"127.0.0.1:{self.port}"
+        pids = []
         for proc_dir in Path("/proc").glob("[0-9]*"):
             try:
                 args = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -274,6 +283,24 @@ class Deployment:
             if marker in args and ("flwr-serverapp" in args or "flower-superexec" in args):
                 with contextlib.suppress(OSError):
                     os.kill(int(proc_dir.name), signal.SIGTERM)
+                    pids.append(int(proc_dir.name))
+        # waited for, so that nothing they write on the way out comes after launch returns
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if _running(pid)]
+            time.sleep(0.1)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def node_cpus(run_dir: Path, num_clients: int) -> list[int]:
@@ -333,6 +360,7 @@ def launch(
     pin_at = seen + (1 if resume else 2)
     cpus: list[int] | None = None
     started = time.time()
+    failure = ""
     with Deployment(run_dir, bundle) as dep:
         dep.start_superlink()
         for i in range(cfg.num_clients):
@@ -356,13 +384,18 @@ def launch(
                 dep.pin_nodes(cpus)  # each round: also a hospital process that rejoined
             seen = len(rows)
             status = _status(run_dir, started)
-            flwr_run = dep.procs.get("flwr-run")
             if status in ("finished", "failed", "interrupted"):
                 break
-            if flwr_run is not None and flwr_run.poll() is not None:
+            gone = dep.exited(("superlink", "flwr-run"))
+            if gone:
                 status = _status(run_dir, started)
                 if status == "running":
                     status = "failed"
+                    name, code = gone
+                    failure = (
+                        f"the {'SuperLink' if name == 'superlink' else 'flwr run'} process "
+                        f"exited unexpectedly (exit code {code}; see logs/{name}.log)"
+                    )
                 break
             dead = dep.dead_nodes()
             if cfg.num_clients - len(dead) < min(cfg.min_clients, cfg.num_clients):
@@ -376,6 +409,10 @@ def launch(
                 status = "interrupted"
                 break
             time.sleep(poll)
+    if failure:
+        # Every process has ended (the ServerApp too, which a stop made record a
+        # KeyboardInterrupt): the summary says what happened.
+        mark_summary(run_dir, "failed", failure)
     return status
 
 
