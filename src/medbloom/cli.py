@@ -163,9 +163,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{cfg.partition} partition, {cfg.model}, {cfg.strategy}, {cfg.rounds} rounds"
     )
     print(f"run directory: {run_dir}", flush=True)
+
     with stop_on_signals() as stop:
         try:
-            run_simulation(cfg, run_dir, Progress(cfg.rounds), stop, resume=bool(args.resume))
+            run_simulation(
+                cfg,
+                run_dir,
+                Progress(cfg.rounds),
+                stop,
+                resume=bool(args.resume),
+                shield_ray=True,
+            )
         except RunInterrupted:
             print(f"medbloom: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
             return 130

@@ -49,18 +49,28 @@ def run_simulation(
     stop: threading.Event | None = None,
     resume: bool = False,
     client_app: ClientApp | None = None,
+    shield_ray: bool = False,
 ) -> None:
     """Run every round; return when the Simulation Engine and Ray have shut down.
 
     Setting ``stop`` ends the run at the next poll for replies; the run directory
     then says ``interrupted`` and :class:`RunInterrupted` is raised here.
+
+    ``shield_ray`` (the ``medbloom`` command) starts Ray's processes with SIGTERM
+    blocked, as Ray blocks SIGINT in them: a SIGTERM to the whole process group
+    (``timeout``, ``systemd``, a container's stop) then reaches only medbloom, which
+    stops the run cleanly and shuts Ray down after it. Unshielded, Ray's raylet died at
+    once and took the driver with it (exit code 1, the run left "running") whenever
+    the driver touched Ray before its records were closed. The price: Ray's shutdown
+    waits 1 s for each of its processes to ignore SIGTERM before it kills them (about
+    4 s a run, measured), so runs within one process (tests) go unshielded.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     server = make_server_app(cfg, run_dir, on_round, stop, resume)
     client = client_app or make_client_app(cfg, slot_order=largest_first(cfg))
     config = backend_config(cfg)
-    _start_ray_keeping_signal_handlers(config["init_args"])
+    _start_ray_keeping_signal_handlers(config["init_args"], shield_ray)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
@@ -71,7 +81,7 @@ def run_simulation(
         )
 
 
-def _start_ray_keeping_signal_handlers(init_args: dict[str, Any]) -> None:
+def _start_ray_keeping_signal_handlers(init_args: dict[str, Any], shield: bool = False) -> None:
     """Start Ray as Flower's Simulation Engine would (it then finds Ray running and
     uses it), and put back this process's SIGTERM and SIGINT handlers, which
     ``ray.init`` replaces with its own (SIGTERM: exit at once, bypassing medbloom's
@@ -91,7 +101,14 @@ def _start_ray_keeping_signal_handlers(init_args: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    # Ray's processes (GCS, raylet, and the workers the raylet starts) inherit this
+    # thread's signal mask; a SIGTERM to this process while Ray starts waits until it
+    # has started. They end with this process in any case (Ray's fate sharing).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM} if shield else set())
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     for s, handler in handlers.items():
         if handler is not None:
             signal.signal(s, handler)
