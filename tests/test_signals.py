@@ -112,6 +112,62 @@ def test_sigterm_stops_medbloom_dashboard_and_streamlit(tmp_path: Path) -> None:
     _stop_server_like(proc, port)
 
 
+def test_sigterm_stops_medbloom_node(tmp_path: Path) -> None:
+    """A hospital's node (no SuperLink to reach: it keeps trying) ends on SIGTERM with
+    exit code 143 and closes its Runtime API port."""
+    port = _free_port()
+    proc = _medbloom(
+        "node", "--superlink", f"127.0.0.1:{_free_port()}", "--insecure", "--port", str(port),
+    )  # fmt: skip
+    try:
+        _wait_until(lambda: _listening(port) or proc.poll() is not None, 90, f"port {port} open")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, proc.communicate()
+    assert not _listening(port)
+
+
+def test_sigterm_stops_medbloom_launch_and_its_processes(tmp_path: Path) -> None:
+    """SIGTERM to ``medbloom launch`` (not to its processes, which run in sessions of
+    their own): the run stops after its current round as on Ctrl-C, the summary says
+    interrupted, and the SuperLink and hospital processes it started are gone."""
+    from test_launch import _assert_nothing_left
+
+    root = tmp_path / "data"
+    write_npz(root, "pneumoniamnist", counts={"train": 120, "val": 20, "test": 20}, seed=3)
+    out = tmp_path / "run"
+    proc = _medbloom(
+        "launch", "--data-dir", str(root), "--out", str(out), "--num-clients", "2",
+        "--rounds", "200",
+    )  # fmt: skip
+    try:
+        metrics = out / "metrics.csv"
+        _wait_until(
+            lambda: (
+                proc.poll() is not None
+                or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+            ),
+            180,
+            "round 1 recorded",
+        )
+        assert proc.poll() is None, proc.communicate()
+        pids = json.loads((out / "flwr" / "pids.json").read_text()).values()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (130, 143), stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert not _alive(set(pids))
+    _assert_nothing_left(tmp_path)
+
+
 @pytest.mark.parametrize("whole_group", [False, True], ids=["the-process", "its-group"])
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, whole_group: bool) -> None:
     """``kill PID`` (the process) and ``timeout`` (the whole process group, Ray's

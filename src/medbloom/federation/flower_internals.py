@@ -88,6 +88,26 @@ def run_supernode(argv: Sequence[str]) -> None:
     flower_supernode()
 
 
+def record_exit_signal() -> Callable[[], int | None]:
+    """Have Flower's signal handler (SuperLink, SuperNode) remember the signal that made
+    it exit; return a function that gives it (None: no signal). Flower exits with code
+    0 after a SIGTERM or SIGINT, where a shell, ``timeout`` or a scheduler expects 143
+    or 130 (128 + the signal)."""
+    module = importlib.import_module("flwr.supercore.exit.signal_handler")
+    signal_of = {int(code): int(sig) for sig, code in module.SIGNAL_TO_EXIT_CODE.items()}
+    original = module.flwr_exit
+    seen: list[int] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        code = kwargs.get("code", args[0] if args else None)
+        if code in signal_of:
+            seen.append(signal_of[code])
+        return original(*args, **kwargs)
+
+    module.flwr_exit = recording
+    return lambda: seen[0] if seen else None
+
+
 # --------------------------------------------------------------------------------------
 # The ClientApp worker's side of Flower's Runtime API (process isolation)
 # --------------------------------------------------------------------------------------
@@ -521,6 +541,15 @@ def assumption_report() -> list[tuple[str, bool, str]]:
             "pull_task_input",
             "push_message",
             "push_task_output",
+        ),
+    )
+    check(
+        "Flower's signal handler exits through its module's flwr_exit, with a code from "
+        "SIGNAL_TO_EXIT_CODE",
+        lambda: (
+            has("flwr.supercore.exit.signal_handler", "flwr_exit", "SIGNAL_TO_EXIT_CODE")
+            and "code=SIGNAL_TO_EXIT_CODE[signalnum]"
+            in inspect.getsource(importlib.import_module("flwr.supercore.exit.signal_handler"))
         ),
     )
     check(

@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         daemon=True,
         name="clientapp",
     ).start()
+    ended_by = flower_internals.record_exit_signal()
     try:
         flower_internals.run_supernode(["--isolation", "process", "--port", str(args.port), *rest])
     except SystemExit as exc:
@@ -120,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # a process, which with ten hospitals on two cores made a launch take 10 s to
         # stop. A node writes nothing but its log, so flush that and leave now.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        exit_without_teardown(code)
+        signum = ended_by()
+        # stopped by a signal: exit as a shell reports it (143 for SIGTERM, 130 Ctrl-C)
+        exit_without_teardown(128 + signum if signum else code)
 
 
 if __name__ == "__main__":
