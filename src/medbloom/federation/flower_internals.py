@@ -104,7 +104,7 @@ def record_exit_signal() -> Callable[[], int | None]:
             seen.append(signal_of[code])
         return original(*args, **kwargs)
 
-    module.flwr_exit = recording
+    module.flwr_exit = recording  # type: ignore[attr-defined]
     return lambda: seen[0] if seen else None
 
 
