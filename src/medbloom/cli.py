@@ -235,6 +235,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         )
     elif summary.get("final"):
         lines.append("clean test split: not computed (--audit off)")
+    if summary.get("privacy") or summary.get("final"):
+        from medbloom.privacy import describe
+
+        lines.append(describe(summary.get("privacy")))
     if intervals:
         lines.append(
             f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "

@@ -40,6 +40,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("auto", "constant", "cosine")
 DEDUP = ("none", "exact", "near")
 AUDIT = ("on", "off")
+PRIVACY = ("none", "sample")
 # medbloom.data.audit.DEFAULT_THRESHOLD and MAX_THRESHOLD (not imported: the config
 # module stays free of numpy and the data code)
 DUP_THRESHOLD = 16
@@ -133,6 +134,21 @@ class ExperimentConfig:
         "local validation split, before training (clients.csv: site_*; metrics.csv: "
         "worst/median site); 0: never",
     )
+    privacy: str = _knob(
+        "none",
+        "sample: record-level differential privacy, DP-SGD at every hospital (Opacus: "
+        "per-image gradients clipped to --clip-norm, Gaussian noise, Poisson sampling, "
+        "RDP accountant); each hospital sets its noise from its own data so that the "
+        "whole run spends at most --target-epsilon. none: no formal privacy guarantee",
+        PRIVACY,
+    )
+    target_epsilon: float = _knob(
+        8.0, "privacy budget per image for the whole run (--privacy sample)"
+    )
+    delta: float = _knob(
+        1e-5, "privacy delta (--privacy sample); below 1/n for every hospital's n images"
+    )
+    clip_norm: float = _knob(1.0, "largest L2 norm of one image's gradient (--privacy sample)")
     fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
     proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
     server_lr: float = _knob(
@@ -227,7 +243,20 @@ class ExperimentConfig:
                 f"a number of bits in 0..{MAX_DUP_THRESHOLD} of the 256-bit hash",
             ),
             (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)"),
+            (_finite(self.target_epsilon) and self.target_epsilon > 0, "target_epsilon", "> 0"),
+            (_finite(self.delta) and 0 < self.delta < 1, "delta", "a number in (0, 1)"),
+            (_finite(self.clip_norm) and self.clip_norm > 0, "clip_norm", "a number > 0"),
         ]
+        if self.privacy == "sample" and self.batched == "on":
+            raise ConfigError(
+                "--privacy sample clips each image's gradient at its hospital; --batched on "
+                "trains every hospital in one batched step without them: use --batched off"
+            )
+        if self.privacy == "sample" and self.strategy == "fedprox":
+            raise ConfigError(
+                "--privacy sample: FedProx's proximal term is not part of the per-image "
+                "gradients DP-SGD clips; use another strategy (fedavg, fedavgm, fedadam...)"
+            )
         if self.batched == "on" and self.augment not in ("none", "auto"):
             raise ConfigError("--batched on does not support --augment; use --augment none")
         if self.batched == "on" and self.precision == "bf16":

@@ -283,6 +283,8 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     config = json.loads(info_file.read_text(encoding="utf-8"))["config"]
     # runs recorded before --dedup existed trained on every image
     config.setdefault("dedup", "none")
+    # and before --privacy: without any
+    config.setdefault("privacy", "none")
     return ExperimentConfig.from_mapping(config, str(info_file)).validate()
 
 
@@ -299,6 +301,30 @@ def absolute_paths(cfg: ExperimentConfig) -> dict[str, str]:
         path = Path(cfg.dataset[len(FOLDER_PREFIX) :]).expanduser().absolute()
         out["dataset"] = FOLDER_PREFIX + str(path)
     return out
+
+
+def check_privacy_plan(cfg: ExperimentConfig, train_sizes: list[int]) -> None:
+    """--delta below 1/n for every hospital's n training images, and a noise level
+    that spends --target-epsilon over the run for each of them."""
+    from medbloom.privacy import plan_for
+
+    largest = max(train_sizes)
+    if cfg.delta >= 1 / largest:
+        raise ConfigError(
+            f"--delta {cfg.delta:g} is out of range: expected a number in (0, 1/n) for every "
+            f"hospital's n training images; the largest holds {largest} (1/n = {1 / largest:.3g})"
+        )
+    for n in sorted(set(train_sizes)):
+        try:
+            plan_for(
+                n, cfg.batch_size, cfg.local_epochs, cfg.rounds, cfg.target_epsilon,
+                cfg.delta, cfg.clip_norm,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(
+                f"--target-epsilon {cfg.target_epsilon:g}: no noise level reaches it for a "
+                f"hospital of {n} images over {cfg.rounds} rounds ({exc})"
+            ) from None
 
 
 def prepare_run(
@@ -319,6 +345,10 @@ def prepare_run(
             check_batchable(model)
         except NotImplementedError as exc:
             raise ConfigError(f"--batched on: {exc}; use --batched off") from None
+    if cfg.privacy == "sample":
+        from medbloom.privacy import check_model
+
+        check_model(model, resolve_model(cfg.model, cfg.dataset))
     build_strategy(cfg)
     resolve_device(cfg.device)
     # config.json records what runs: the size, model, schedule and augmentation that 0 and
@@ -335,6 +365,8 @@ def prepare_run(
     splits = splits_for(cfg)
     parts = partitions_for(cfg)
     pmap = part.partition_map(parts, splits.train.labels, splits.spec.class_names)
+    if cfg.privacy == "sample":
+        check_privacy_plan(cfg, [int(c["num_train"]) for c in pmap["clients"]])
     resolved = cfg.replace(out=str(out), **absolute_paths(cfg))
     # what the clients of this run check before they use the recorded partition
     pmap["settings"] = _partition_settings(resolved)

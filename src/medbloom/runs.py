@@ -52,6 +52,7 @@ METRICS_COLUMNS = (
     "worst_site_accuracy",
     "median_site_accuracy",
     "site_accuracy_spread",
+    "epsilon",
     "clients_ok",
     "clients_failed",
     "round_seconds",
@@ -71,6 +72,7 @@ CLIENT_COLUMNS = (
     "train_accuracy",
     "lr",
     "local_val_accuracy",
+    "epsilon",
     "seconds",
     "error",
 )
@@ -229,9 +231,43 @@ class RunRecorder:
             self.last = rows[-1] if rows else None
             scored = [r for r in rows if r.get("val_auc") is not None]
             self.best = max(scored, key=lambda r: r["val_auc"], default=None)
+        # each hospital's privacy spent so far (--privacy sample), as it last reported
+        self.spent: dict[str, float] = {}
+        if resume_round is not None and (path / "clients.csv").exists():
+            with (path / "clients.csv").open(newline="", encoding="utf-8") as fh:
+                self._note_spent([{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(fh)])
         self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
         self._clients = self._open_csv("clients.csv", CLIENT_COLUMNS)
         self.write_summary("running")
+
+    def _note_spent(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            eps = row.get("epsilon")
+            if isinstance(eps, int | float) and math.isfinite(eps) and row.get("client_id") != "":
+                self.spent[str(row["client_id"])] = float(eps)
+
+    def epsilon(self) -> float:
+        """The largest privacy spent by any hospital so far; NaN without privacy."""
+        if self.cfg.privacy == "none":
+            return float("nan")
+        return max(self.spent.values(), default=0.0)
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """summary.json's ``privacy``: the guarantee, with its unit and delta."""
+        if self.cfg.privacy == "none":
+            return {"mode": "none", "guarantee": "no formal privacy guarantee"}
+        from medbloom.privacy import ACCOUNTANT
+
+        return {
+            "mode": self.cfg.privacy,
+            "unit": "image (record-level DP-SGD at each hospital)",
+            "epsilon": max(self.spent.values()) if self.spent else None,
+            "delta": self.cfg.delta,
+            "target_epsilon": self.cfg.target_epsilon,
+            "clip_norm": self.cfg.clip_norm,
+            "accountant": ACCOUNTANT,
+            "per_hospital": dict(sorted(self.spent.items(), key=lambda kv: int(kv[0]))),
+        }
 
     def _open_csv(self, name: str, columns: tuple[str, ...]) -> tuple[Any, csv.DictWriter[str]]:
         file = self.path / name
@@ -263,6 +299,7 @@ class RunRecorder:
     def record_clients(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
             self._append(self._clients, row)
+        self._note_spent(rows)
 
     def record_round(
         self,
@@ -325,6 +362,7 @@ class RunRecorder:
             "final": self.last,
             "best": self.best,
             "best_by": "val_auc",
+            "privacy": self.privacy_summary(),
             **self.spec_summary,
         }
         if self.intervals:

@@ -188,7 +188,7 @@ def train_local(
                 opt.step()
                 with torch.no_grad():
                     total_loss += float(loss) * len(idx)
-                    total_correct += _correct(logits, yb, task)
+                    total_correct += count_correct(logits, yb, task)
                     total_seen += len(idx)
                 steps += 1
     mean_loss = total_loss / max(total_seen, 1)
@@ -197,7 +197,7 @@ def train_local(
     return TrainResult(mean_loss, total_correct / max(total_seen, 1), n, steps)
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor, task: str) -> float:
+def count_correct(logits: torch.Tensor, y: torch.Tensor, task: str) -> float:
     if task == MULTI_LABEL:
         return float(((logits > 0).float() == y).float().mean(dim=1).sum())
     return float((logits.argmax(dim=1) == y).sum())

@@ -176,6 +176,15 @@ def results_frame(run: RunData) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def privacy_caption(run: RunData) -> str:
+    """The run's privacy guarantee, from summary.json's ``privacy``, in the words of
+    the closing lines."""
+    from medbloom.privacy import describe
+
+    text = describe(run.summary.get("privacy"))
+    return text[0].upper() + text[1:] + "."
+
+
 def clean_test_caption(run: RunData) -> str:
     """What the clean test split is, from summary.json's ``clean_test``."""
     clean = run.summary.get("clean_test")
@@ -560,6 +569,7 @@ def show_results(run: RunData) -> None:
                 bench, hide_index=True, width="stretch", column_config=_score_columns(bench)
             )
     st.caption(clean_test_caption(run))
+    st.caption(privacy_caption(run))
     ref_name, ref = _reference(run)
     final = run.final or {}
     if ref and final.get("auc") is not None and "auc" in ref:

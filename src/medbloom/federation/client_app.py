@@ -3,8 +3,10 @@ weights and metrics only."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -18,9 +20,14 @@ from medbloom.experiment import ClientData, client_data
 from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc, medmnist_auc
 from medbloom.models import build_model
+from medbloom.privacy import BudgetExceeded, Ledger, Plan, plan_for, train_private
 from medbloom.training import (
+    TrainResult,
     client_seed,
+    count_correct,
     load_arrays,
+    loss_function,
+    make_optimizer,
     predict,
     resolve_device,
     resolve_precision,
@@ -85,62 +92,174 @@ def node_config_of(
     return cfg, pid, num
 
 
+class Hospital:
+    """One hospital's side of a round: its data, the model it trains, what it keeps
+    from round to round and how it trains.
+
+    What it keeps lives at the hospital, in files under its state folder (node config
+    ``state-dir``; by default the run directory's ``hospitals/`` where that is on this
+    machine, else the user's state folder): a restarted hospital process, a resumed run
+    and the Ray workers of a simulation (any of which may serve a hospital in a round)
+    all read the same record. Today that is the privacy ledger (``--privacy sample``).
+
+    How it trains is :meth:`train`: plain local training (with FedProx's term where the
+    strategy asks for it) or DP-SGD; the place where further recipes plug in.
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, node_config: Mapping[str, Any], simulated: bool
+    ) -> None:
+        self.cfg, self.pid, num = node_config_of(cfg, node_config)
+        self.node_config = node_config
+        self.simulated = simulated
+        self.data = client_data(self.cfg, self.pid, num)
+
+    def state_dir(self) -> Path:
+        if self.node_config.get("state-dir"):
+            return Path(str(self.node_config["state-dir"])).expanduser()
+        out = Path(self.cfg.out) if self.cfg.out else None
+        if out is not None and (out / "config.json").is_file():
+            return out / "hospitals"
+        import platformdirs
+
+        name = out.name if out is not None else "default"
+        return Path(platformdirs.user_state_dir("medbloom")) / "hospitals" / name
+
+    def ledger(self) -> Ledger:
+        name = f"client_{self.pid}" if self.pid >= 0 else "own-data"
+        return Ledger(self.state_dir() / f"privacy-{name}.json")
+
+    def plan(self) -> Plan:
+        cfg = self.cfg
+        n = len(self.data.train)
+        if cfg.delta >= 1 / n:
+            raise BudgetExceeded(
+                f"--delta {cfg.delta:g} is not below 1/n for this hospital's {n} images"
+            )
+        return plan_for(
+            n, cfg.batch_size, cfg.local_epochs, cfg.rounds, cfg.target_epsilon, cfg.delta,
+            cfg.clip_norm,
+        )  # fmt: skip
+
+    def train(self, msg: Message) -> Message:
+        """Train on this hospital's partition; reply with weights, metrics and
+        ``num-examples`` (and with DP-SGD, the epsilon spent so far)."""
+        started = time.perf_counter()
+        set_threads()
+        cfg, data = self.cfg, self.data
+        model = _model(cfg, data.spec)
+        layout = Layout.of(state_arrays(model))
+        load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
+        config = msg.content.config_records["config"]
+        server_round = int(cast(int, config.get("server-round", 0)))
+        device = resolve_device(cfg.device)
+        amp = resolve_precision(cfg.precision, device)
+        # before training: how the global model does on this hospital's own patients
+        site = site_scores(model, data, device, amp) if config.get("site-eval") else {}
+        seed = client_seed(cfg.seed, server_round, self.pid)
+        privacy: dict[str, float] = {}
+        if cfg.privacy == "sample":
+            result, privacy = self._train_private(model, server_round, seed, device)
+        else:
+            result = train_local(
+                model,
+                data.train.x,
+                data.train.y,
+                task=data.spec.task,
+                epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                optimizer=cfg.optimizer,
+                lr=cfg.round_lr(server_round),
+                weight_decay=cfg.weight_decay,
+                weights=data.weights,
+                proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
+                seed=seed,
+                device=device,
+                amp_dtype=amp,
+                augment=_augmenter(cfg.augmentation(), data.spec),
+            )
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "train_loss": result.train_loss,
+            "train_accuracy": result.train_accuracy,
+            "lr": cfg.round_lr(server_round),
+            "num-examples": result.num_examples,
+            "partition-id": self.pid,
+            **site,
+            **privacy,
+        }
+        if len(data.val):
+            probs, _ = predict(
+                model, data.val.x, None, data.spec.task, device=device, amp_dtype=amp
+            )
+            metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
+        metrics["seconds"] = time.perf_counter() - started
+        content = RecordDict(
+            {"arrays": layout.pack(state_arrays(model)), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=msg)
+
+    def _train_private(
+        self, model: nn.Module, server_round: int, seed: int, device: torch.device
+    ) -> tuple[TrainResult, dict[str, float]]:
+        """DP-SGD within what this hospital's ledger and its own ceiling allow."""
+        cfg, data = self.cfg, self.data
+        plan = self.plan()
+        ledger = self.ledger()
+        after = ledger.epsilon_after(plan)
+        ceiling = self.node_config.get("max-epsilon")
+        if ceiling is not None and after > float(cast(float, ceiling)):
+            raise BudgetExceeded(
+                f"hospital {self.pid} refuses round {server_round}: it would bring its "
+                f"privacy spent to epsilon {after:.3f} (delta {plan.delta:g}), past its own "
+                f"ceiling max-epsilon={float(cast(float, ceiling)):g}; spent so far: "
+                f"{ledger.epsilon(plan.delta):.3f}"
+            )
+        # Simulation: noise from the run's seed, so a run can be repeated. Deployment:
+        # from the hospital's own secret, which the server (it knows the seed) cannot
+        # reproduce and subtract.
+        noise_seed = seed + 1 if self.simulated else (ledger.secret ^ server_round * 1_000_003)
+        loss, acc, steps, history = train_private(
+            model,
+            data.train.x,
+            data.train.y,
+            plan=plan,
+            criterion=loss_function(data.spec.task, data.weights),
+            make_optimizer=lambda m: make_optimizer(
+                m, cfg.optimizer, cfg.round_lr(server_round), cfg.weight_decay
+            ),
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            noise_seed=noise_seed,
+            device=device,
+            augment=_augmenter(cfg.augmentation(), data.spec),
+            correct=lambda logits, y: count_correct(logits, y, data.spec.task),
+        )
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"local training diverged (loss {loss}); lower --lr")
+        ledger.record(history)
+        spent = {
+            "epsilon": ledger.epsilon(plan.delta),
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+        }
+        return TrainResult(loss, acc, len(data.train), steps), spent
+
+
 def train_on_message(
     msg: Message,
     context: Context,
     cfg: ExperimentConfig,
     node_config: Mapping[str, Any] | None = None,
+    simulated: bool = False,
 ) -> Message:
-    """Train on this node's partition and reply with weights, metrics and ``num-examples``.
+    """Train on this node's partition and reply (see :class:`Hospital`).
 
     ``node_config`` replaces the context's (see ``slot_order`` of :func:`make_client_app`).
     """
-    started = time.perf_counter()
-    set_threads()
-    cfg, pid, num = node_config_of(cfg, context.node_config if node_config is None else node_config)
-    data = client_data(cfg, pid, num)
-    model = _model(cfg, data.spec)
-    layout = Layout.of(state_arrays(model))
-    load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
-    config = msg.content.config_records["config"]
-    server_round = int(cast(int, config.get("server-round", 0)))
-    device = resolve_device(cfg.device)
-    amp = resolve_precision(cfg.precision, device)
-    # before training: how the global model does on this hospital's own patients
-    site = site_scores(model, data, device, amp) if config.get("site-eval") else {}
-    result = train_local(
-        model,
-        data.train.x,
-        data.train.y,
-        task=data.spec.task,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        lr=cfg.round_lr(server_round),
-        weight_decay=cfg.weight_decay,
-        weights=data.weights,
-        proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
-        seed=client_seed(cfg.seed, server_round, pid),
-        device=device,
-        amp_dtype=amp,
-        augment=_augmenter(cfg.augmentation(), data.spec),
-    )
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "train_loss": result.train_loss,
-        "train_accuracy": result.train_accuracy,
-        "lr": cfg.round_lr(server_round),
-        "num-examples": result.num_examples,
-        "partition-id": pid,
-        **site,
-    }
-    if len(data.val):
-        probs, _ = predict(model, data.val.x, None, data.spec.task, device=device, amp_dtype=amp)
-        metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
-    metrics["seconds"] = time.perf_counter() - started
-    content = RecordDict(
-        {"arrays": layout.pack(state_arrays(model)), "metrics": MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
+    return Hospital(
+        cfg, context.node_config if node_config is None else node_config, simulated
+    ).train(msg)
 
 
 def make_client_app(
@@ -171,7 +290,7 @@ def make_client_app(
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
-        return train_on_message(msg, context, run_cfg, node_config(context))
+        return train_on_message(msg, context, run_cfg, node_config(context), cfg is not None)
 
     return app
 

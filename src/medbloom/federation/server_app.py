@@ -417,6 +417,7 @@ def sort_replies(
                 "train_accuracy": _num(m["train_accuracy"]),
                 "lr": _num(m.get("lr", float("nan"))),
                 "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
+                "epsilon": _num(m.get("epsilon", float("nan"))),
                 "seconds": _num(m.get("seconds", float("nan"))),
             }
         )
@@ -511,7 +512,12 @@ def run_federation(
         if not ckpt:
             t_eval = time.monotonic()
             flat, state = _unpacked(arrays, evaluator.layout)
-            row = {"round": 0, **evaluator(state), "round_seconds": 0.0}
+            row = {
+                "round": 0,
+                **evaluator(state),
+                "epsilon": recorder.epsilon(),
+                "round_seconds": 0.0,
+            }
             row["eval_seconds"] = time.monotonic() - t_eval
             row["elapsed_seconds"] = 0.0
             _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
@@ -569,6 +575,7 @@ def run_federation(
                 if train_metrics
                 else float("nan"),
                 **site_spread(outcome.rows),
+                "epsilon": recorder.epsilon(),
                 "clients_ok": outcome.ok,
                 "clients_failed": outcome.failed,
                 "round_seconds": now - t0,
