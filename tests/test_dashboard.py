@@ -572,3 +572,23 @@ def test_launch_refuses_bad_ports_and_runs_paths(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(MedbloomError, match="not a folder"):
         launch(tmp_path / "file", 8600)
+
+
+def test_the_privacy_guarantee_is_stated_or_its_absence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run without --privacy says it has no formal guarantee; a private one states its
+    epsilon, delta and unit, as summary.json records them."""
+    plain = RunWriter(tmp_path, "plain", rounds=1)
+    plain.next_round()
+    plain.recorder.close("finished")
+    private = RunWriter(tmp_path, "private", rounds=1)
+    private.next_round()
+    private.recorder.cfg = private.recorder.cfg.replace(privacy="sample", target_epsilon=3.0)
+    private.recorder.record_clients([{"round": 1, "client_id": 0, "status": "ok", "epsilon": 2.5}])
+    private.recorder.close("finished")
+    at = _app(tmp_path, monkeypatch, "plain")
+    assert "Privacy: no formal privacy guarantee (--privacy none)." in _texts(at)
+    at.radio(key="run").set_value(str(private.path)).run()
+    assert not at.exception
+    assert "Privacy: epsilon 2.50 (delta 1e-05) per image" in _texts(at)

@@ -229,3 +229,118 @@ def test_a_run_without_privacy_says_so(tmp_path: Path) -> None:
     assert "privacy: no formal privacy guarantee (--privacy none)" in summary_lines(
         {**summary, "final": {"round": 1, "accuracy": 0.5, "auc": 0.5, "f1": 0.5}}
     )
+
+
+@pytest.mark.slow
+def test_a_hospital_refuses_past_its_own_ceiling_and_the_others_go_on(tmp_path: Path) -> None:
+    """Real processes: `medbloom server`, two `medbloom node`s on data of their own, and
+    `flwr run` with --privacy sample. Hospital 0's node config holds max-epsilon just
+    above what one round spends: it trains round 1, then refuses and says why; the
+    server records it as a failed hospital and finishes with hospital 1."""
+    import os
+    import signal
+    import socket
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    counts = {"train": 80, "val": 20, "test": 30}
+    write_npz(tmp_path / "server-data", "pneumoniamnist", counts=counts, seed=1)
+    for i in range(2):
+        write_npz(tmp_path / f"hospital-{i}", "pneumoniamnist", counts=counts, seed=10 + i)
+    # each hospital trains on its 72 training images (80 minus local validation)
+    plan = plan_for(72, 16, 1, 3, 8.0, 1e-5, 1.0)
+    one_round = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], 1e-5)
+    ceiling = round(one_round * 1.05, 3)
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, log: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medbloom", *args], env=env, cwd=tmp_path,
+            stdout=(tmp_path / log).open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    port = free_port()
+    out = tmp_path / "run"
+    try:
+        server = start(
+            "server", "--port", str(port), "--flwr-home", env["FLWR_HOME"], log="server.log"
+        )
+        deadline = time.monotonic() + 60
+        while "Uvicorn running on" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, "no SuperLink"
+            time.sleep(0.3)
+        for i in range(2):
+            limit = f" max-epsilon={ceiling}" if i == 0 else ""
+            start(
+                "node", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                "--port", str(free_port()), "--node-config",
+                f"data-dir='{tmp_path / f'hospital-{i}'}' "
+                f"state-dir='{tmp_path / f'hospital-{i}-state'}'{limit}",
+                log=f"node_{i}.log",
+            )  # fmt: skip
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(Path(__file__).resolve().parents[1]), "medbloom",
+             "--stream", "-c",
+             f"num-clients=2 min-clients=1 rounds=3 batch-size=16 privacy='sample' "
+             f"data-dir='{tmp_path / 'server-data'}' out='{out}'"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        deadline = time.monotonic() + 60
+        while not (out / "summary.json").exists() or (
+            json.loads((out / "summary.json").read_text())["status"] == "running"
+        ):
+            assert time.monotonic() < deadline, "the run did not end"
+            time.sleep(0.5)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "finished", summary.get("error")
+        with (out / "clients.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        by_round = {r: [x for x in rows if x["round"] == r] for r in ("1", "2", "3")}
+        assert [x["status"] for x in by_round["1"]] == ["ok", "ok"]
+        refused = [x for x in by_round["2"] if x["status"] == "failed"]
+        assert len(refused) == 1, by_round["2"]
+        assert "refuses round 2" in refused[0]["error"], refused[0]["error"]
+        assert f"max-epsilon={ceiling:g}" in refused[0]["error"], refused[0]["error"]
+        assert [x["status"] for x in by_round["3"]] == ["ok"]
+        ledgers = [
+            json.loads((tmp_path / f"hospital-{i}-state" / "privacy-own-data.json").read_text())
+            for i in range(2)
+        ]
+        assert [len(ledger["history"]) for ledger in ledgers] in ([1, 1], [1, 3], [3, 1])
+        steps = [sum(n for _, _, n in ledger["history"]) for ledger in ledgers]
+        assert sorted(steps) == [plan.steps_per_round, 3 * plan.steps_per_round]
+        assert not (out / "hospitals").exists()  # what a hospital keeps stays with it
+        assert summary["privacy"]["epsilon"] <= 8.0
+    except BaseException:
+        for log in sorted(tmp_path.glob("*.log")):
+            print(f"----- {log.name} -----\n{log.read_text()[-3000:]}")
+        raise
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

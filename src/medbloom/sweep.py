@@ -465,6 +465,10 @@ def result_rows(sweep: Sweep) -> list[dict[str, Any]]:
             value = final.get(key)
             row[key] = float(value) if isinstance(value, int | float) else float("nan")
         row["worst_site_accuracy"] = _last_worst_site(exp.run_dir(sweep.out))
+        # the privacy the run spent (the largest over its hospitals); NaN: none
+        privacy = summary.get("privacy") or {}
+        eps = privacy.get("epsilon")
+        row["epsilon"] = float(eps) if isinstance(eps, int | float) else float("nan")
         row["wall_seconds"] = summary.get("wall_seconds")
         row["run_dir"] = str(exp.run_dir(sweep.out))
         rows.append(row)

@@ -178,9 +178,12 @@ class Hospital:
                 amp_dtype=amp,
                 augment=_augmenter(cfg.augmentation(), data.spec),
             )
+        # With DP-SGD the training loss and accuracy stay here: they are computed on the
+        # training images without noise, outside the guarantee the hospital states.
+        private = cfg.privacy != "none"
         metrics: dict[str, int | float | list[int] | list[float]] = {
-            "train_loss": result.train_loss,
-            "train_accuracy": result.train_accuracy,
+            "train_loss": math.nan if private else result.train_loss,
+            "train_accuracy": math.nan if private else result.train_accuracy,
             "lr": cfg.round_lr(server_round),
             "num-examples": result.num_examples,
             "partition-id": self.pid,
