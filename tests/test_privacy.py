@@ -344,3 +344,65 @@ def test_a_hospital_refuses_past_its_own_ceiling_and_the_others_go_on(tmp_path: 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "fedadam"], "use fedavg or fedprox"),
+        (["--fraction-train", "0.5"], "use --fraction-train 1"),
+        (["--num-clients", "3", "--delta", "0.5"], "below 1/3 hospitals"),
+    ],
+    ids=["strategy", "fraction", "delta"],
+)
+def test_bad_hospital_privacy_input_is_one_line(flags: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "medbloom", "run", "--privacy", "hospital", *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.slow
+def test_hospital_level_privacy_uses_flowers_wrapper_and_accountant_across_a_resume(
+    tmp_path: Path,
+) -> None:
+    """--privacy hospital: Flower's server-side fixed clipping wrapper with its
+    RdpAccountant, the noise calibrated to spend the target over the planned rounds.
+    Stopped after round 1 and resumed, the accountant goes on from its checkpoint:
+    epsilon after round r is the accountant's for r releases."""
+    from medbloom.federation.server_app import RunInterrupted
+    from medbloom.federation.simulation import run_simulation
+    from medbloom.federation.strategies import build_strategy
+    from medbloom.privacy import hospital_epsilon
+
+    root = tmp_path / "data"
+    write_npz(root, "pneumoniamnist", counts={"train": 90, "val": 20, "test": 20}, seed=1)
+    cfg = ExperimentConfig(
+        data_dir=str(root), num_clients=2, rounds=3, batch_size=16, min_partition_size=5,
+        privacy="hospital", target_epsilon=6.0, clip_norm=2.0, out=str(tmp_path / "run"),
+    ).validate()  # fmt: skip
+    strategy = build_strategy(cfg)
+    assert type(strategy).__name__ == "DifferentialPrivacyServerSideFixedClipping"
+    noise = strategy.noise_multiplier
+    assert hospital_epsilon(cfg, noise, 3) <= 6.0 < hospital_epsilon(cfg, noise * 0.99, 3)
+    run_dir = prepare_run(cfg)
+    stop = threading.Event()
+
+    def after(row: dict[str, object]) -> None:
+        if row["round"] == 1:
+            stop.set()
+
+    with pytest.raises(RunInterrupted):
+        run_simulation(cfg, run_dir, after, stop)
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert "privacy_accountant" in ckpt
+    run_simulation(cfg, run_dir, resume=True)
+    with (run_dir / "metrics.csv").open() as fh:
+        eps = [float(r["epsilon"]) for r in csv.DictReader(fh)]
+    assert eps[0] == 0.0
+    assert eps[1:] == pytest.approx([hospital_epsilon(cfg, noise, r) for r in (1, 2, 3)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["privacy"]["mode"] == "hospital" and summary["privacy"]["epsilon"] <= 6.0

@@ -40,7 +40,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("auto", "constant", "cosine")
 DEDUP = ("none", "exact", "near")
 AUDIT = ("on", "off")
-PRIVACY = ("none", "sample")
+PRIVACY = ("none", "sample", "hospital")
 # medbloom.data.audit.DEFAULT_THRESHOLD and MAX_THRESHOLD (not imported: the config
 # module stays free of numpy and the data code)
 DUP_THRESHOLD = 16
@@ -139,16 +139,24 @@ class ExperimentConfig:
         "sample: record-level differential privacy, DP-SGD at every hospital (Opacus: "
         "per-image gradients clipped to --clip-norm, Gaussian noise, Poisson sampling, "
         "RDP accountant); each hospital sets its noise from its own data so that the "
-        "whole run spends at most --target-epsilon. none: no formal privacy guarantee",
+        "whole run spends at most --target-epsilon. hospital: hospital-level differential "
+        "privacy at the server (Flower's DifferentialPrivacyServerSideFixedClipping: each "
+        "hospital's update clipped to --clip-norm, noise on the average, Flower's "
+        "RdpAccountant; fedavg or fedprox, every hospital every round). none: no formal "
+        "privacy guarantee",
         PRIVACY,
     )
     target_epsilon: float = _knob(
-        8.0, "privacy budget per image for the whole run (--privacy sample)"
+        8.0, "privacy budget for the whole run, per image (sample) or per hospital (hospital)"
     )
     delta: float = _knob(
         1e-5, "privacy delta (--privacy sample); below 1/n for every hospital's n images"
     )
-    clip_norm: float = _knob(1.0, "largest L2 norm of one image's gradient (--privacy sample)")
+    clip_norm: float = _knob(
+        1.0,
+        "largest L2 norm of one image's gradient (--privacy sample), of one hospital's "
+        "update (--privacy hospital)",
+    )
     fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
     proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
     server_lr: float = _knob(
@@ -247,10 +255,27 @@ class ExperimentConfig:
             (_finite(self.delta) and 0 < self.delta < 1, "delta", "a number in (0, 1)"),
             (_finite(self.clip_norm) and self.clip_norm > 0, "clip_norm", "a number > 0"),
         ]
-        if self.privacy == "sample" and self.batched == "on":
+        if self.privacy == "hospital":
+            if self.strategy not in ("fedavg", "fedprox"):
+                raise ConfigError(
+                    f"--privacy hospital calibrates its noise for FedAvg's average of the "
+                    f"clipped updates; --strategy {self.strategy} aggregates otherwise: use "
+                    "fedavg or fedprox"
+                )
+            if self.fraction_train != 1.0:
+                raise ConfigError(
+                    "--privacy hospital accounts without subsampling (every hospital takes "
+                    "part in every round): use --fraction-train 1"
+                )
+            if self.delta >= 1 / self.num_clients:
+                raise ConfigError(
+                    f"--delta {self.delta:g} is out of range: expected a number below "
+                    f"1/{self.num_clients} hospitals"
+                )
+        if self.privacy != "none" and self.batched == "on":
             raise ConfigError(
-                "--privacy sample clips each image's gradient at its hospital; --batched on "
-                "trains every hospital in one batched step without them: use --batched off"
+                f"--privacy {self.privacy}: --batched on trains every hospital in one "
+                "batched step, outside the privacy machinery; use --batched off"
             )
         if self.privacy == "sample" and self.strategy == "fedprox":
             raise ConfigError(

@@ -241,15 +241,72 @@ def train_private(
     return total_loss / max(seen, 1), total_correct / max(seen, 1), steps, history
 
 
+HOSPITAL_ACCOUNTANT = "Flower's RdpAccountant (dp-accounting)"
+
+
+def hospital_accountant(cfg: Any) -> Any:
+    """A fresh Flower RdpAccountant for hospital-level DP: neighbouring runs differ by
+    one hospital's whole data; no subsampling (every hospital, every round)."""
+    from flwr.serverapp import (
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=cfg.delta,
+            population_size=cfg.num_clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+
+
+def hospital_epsilon(cfg: Any, noise_multiplier: float, rounds: int) -> float:
+    """Epsilon after ``rounds`` releases at ``noise_multiplier``, by Flower's accountant."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    accountant = hospital_accountant(cfg)
+    event = GaussianPrivacyEvent(noise_multiplier, cfg.num_clients, cfg.num_clients)
+    accountant.compose(event, count=rounds)
+    return float(accountant.get_epsilon(cfg.delta))
+
+
+def hospital_noise(cfg: Any) -> float:
+    """The smallest noise multiplier (to 0.1 %) with which ``cfg.rounds`` rounds spend at
+    most ``cfg.target_epsilon``, found by bisection on Flower's accountant."""
+    low, high = 1e-3, 1.0
+    while hospital_epsilon(cfg, high, cfg.rounds) > cfg.target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ConfigError(f"--target-epsilon {cfg.target_epsilon:g} cannot be reached")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if hospital_epsilon(cfg, mid, cfg.rounds) > cfg.target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
 def describe(summary_privacy: dict[str, Any] | None) -> str:
     """One line for the closing lines, ``medbloom report`` and the dashboard."""
     if not summary_privacy or summary_privacy.get("mode", "none") == "none":
         return "privacy: no formal privacy guarantee (--privacy none)"
     eps = summary_privacy.get("epsilon")
     spent = "nothing spent yet" if eps is None else f"epsilon {eps:.2f}"
+    target = (
+        f"target epsilon {summary_privacy['target_epsilon']:g}, clip norm "
+        f"{summary_privacy['clip_norm']:g}"
+    )
+    if summary_privacy["mode"] == "hospital":
+        return (
+            f"privacy: {spent} (delta {summary_privacy['delta']:g}) per hospital; clipping "
+            f"and noise at the server, {target} ({HOSPITAL_ACCOUNTANT})"
+        )
     return (
         f"privacy: {spent} (delta {summary_privacy['delta']:g}) per image, the largest "
-        f"over the hospitals; DP-SGD at each hospital, target epsilon "
-        f"{summary_privacy['target_epsilon']:g}, clip norm {summary_privacy['clip_norm']:g} "
-        f"({ACCOUNTANT})"
+        f"over the hospitals; DP-SGD at each hospital, {target} ({ACCOUNTANT})"
     )

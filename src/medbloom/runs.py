@@ -236,6 +236,9 @@ class RunRecorder:
         if resume_round is not None and (path / "clients.csv").exists():
             with (path / "clients.csv").open(newline="", encoding="utf-8") as fh:
                 self._note_spent([{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(fh)])
+        eps = (self.last or {}).get("epsilon")
+        if cfg.privacy == "hospital" and isinstance(eps, int | float) and math.isfinite(eps):
+            self.spent["server"] = float(eps)
         self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
         self._clients = self._open_csv("clients.csv", CLIENT_COLUMNS)
         self.write_summary("running")
@@ -245,6 +248,10 @@ class RunRecorder:
             eps = row.get("epsilon")
             if isinstance(eps, int | float) and math.isfinite(eps) and row.get("client_id") != "":
                 self.spent[str(row["client_id"])] = float(eps)
+
+    def note_server_epsilon(self, epsilon: float) -> None:
+        """Hospital-level DP: what the server's accountant has spent so far."""
+        self.spent["server"] = float(epsilon)
 
     def epsilon(self) -> float:
         """The largest privacy spent by any hospital so far; NaN without privacy."""
@@ -256,7 +263,18 @@ class RunRecorder:
         """summary.json's ``privacy``: the guarantee, with its unit and delta."""
         if self.cfg.privacy == "none":
             return {"mode": "none", "guarantee": "no formal privacy guarantee"}
-        from medbloom.privacy import ACCOUNTANT
+        from medbloom.privacy import ACCOUNTANT, HOSPITAL_ACCOUNTANT
+
+        if self.cfg.privacy == "hospital":
+            return {
+                "mode": "hospital",
+                "unit": "hospital (all of one hospital's data; clipping and noise at the server)",
+                "epsilon": self.spent.get("server"),
+                "delta": self.cfg.delta,
+                "target_epsilon": self.cfg.target_epsilon,
+                "clip_norm": self.cfg.clip_norm,
+                "accountant": HOSPITAL_ACCOUNTANT,
+            }
 
         return {
             "mode": self.cfg.privacy,

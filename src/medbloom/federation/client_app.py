@@ -190,6 +190,8 @@ class Hospital:
             **site,
             **privacy,
         }
+        if cfg.privacy == "hospital":
+            metrics["dp-weight"] = 1.0  # each hospital counts once in the private average
         if len(data.val):
             probs, _ = predict(
                 model, data.val.x, None, data.spec.task, device=device, amp_dtype=amp

@@ -9,6 +9,7 @@ the round ends.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -492,6 +493,11 @@ def run_federation(
     try:
         if ckpt:
             strategy = pickle.loads(ckpt["strategy"])
+            if "privacy_accountant" in ckpt:  # --privacy hospital: spent so far
+                from medbloom.privacy import hospital_accountant
+
+                strategy.accountant = hospital_accountant(cfg)
+                strategy.accountant.load_state_dict(ckpt["privacy_accountant"])
             arrays = _global_arrays(ckpt, evaluator.layout)
             first, offset = ckpt["round"] + 1, float(ckpt["metrics"]["elapsed_seconds"])
             log.info("resuming after round %d of %d", ckpt["round"], cfg.rounds)
@@ -562,6 +568,8 @@ def run_federation(
             new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
             if new_arrays is None:
                 raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
+            if cfg.privacy == "hospital":
+                recorder.note_server_epsilon(strategy.privacy_spent().epsilon)
             arrays = new_arrays
             now = time.monotonic()
             flat, state = _unpacked(arrays, evaluator.layout)
@@ -687,10 +695,17 @@ def _record(
     # arrays of a wider dtype (FedAdam computes in float64; the array is named by
     # the model's dtype) are kept as they are too, so a resumed run goes on from
     # the same numbers; with FedAvg there are none and nothing is stored twice.
-    resume_state = {
-        "strategy": pickle.dumps(strategy),
+    resume_state: dict[str, Any] = {
         "global_arrays": {k: v for k, v in flat.items() if v.dtype.name != k},
     }
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        # Flower's RdpAccountant holds modules, which do not pickle: its state goes
+        # beside the strategy, which is pickled without it
+        resume_state["privacy_accountant"] = accountant.state_dict()
+        strategy = copy.copy(strategy)
+        strategy.accountant = None
+    resume_state["strategy"] = pickle.dumps(strategy)
     is_best = recorder.record_round(row, state, per_class, resume_state)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",

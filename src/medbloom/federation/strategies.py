@@ -10,7 +10,24 @@ from medbloom.config import STRATEGIES, ExperimentConfig
 from medbloom.errors import ConfigError
 
 
-def build_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
+def build_strategy(cfg: ExperimentConfig) -> Any:
+    """The strategy for ``cfg``: Flower's own, wrapped in Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` for ``--privacy hospital``."""
+    strategy = _flower_strategy(cfg)
+    if cfg.privacy != "hospital":
+        return strategy
+    from medbloom.privacy import hospital_accountant, hospital_noise
+
+    return fl.DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=hospital_noise(cfg),
+        clipping_norm=cfg.clip_norm,
+        num_sampled_clients=cfg.num_clients,
+        accountant=hospital_accountant(cfg),
+    )
+
+
+def _flower_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
     """A Flower strategy for ``cfg.strategy``.
 
     Federated (client-side) evaluation is off: medbloom evaluates the global model
@@ -24,6 +41,9 @@ def build_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
         "min_evaluate_nodes": 0,
         "min_available_nodes": 1,
     }
+    if cfg.privacy == "hospital":
+        # Flower's accounted average needs equal weights: each hospital is one unit
+        common["weighted_by_key"] = "dp-weight"
     name = cfg.strategy
     if name == "fedavg":
         return fl.FedAvg(**common)
