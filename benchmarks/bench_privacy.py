@@ -1,0 +1,71 @@
+"""What DP-SGD (--privacy sample) costs a hospital's local training, side by side.
+
+One hospital of the default PneumoniaMNIST experiment (10 hospitals, Dirichlet 0.5, small
+CNN, batch 32, one local epoch; its largest, median and smallest partitions) trains one
+round plainly (``train_local``) and with DP-SGD (``train_private``: Opacus' per-image
+gradients, clipping, noise, Poisson sampling), alternately, ``--reps`` times each on one
+torch thread, as a hospital of a simulation does. Prints the median seconds per round of
+each and their ratio; the ratio is what to compare between machines.
+
+    .venv/bin/python benchmarks/bench_privacy.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import DATA_DIR, check_data, median, table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    check_data()
+
+    import torch
+
+    from medbloom.config import ExperimentConfig
+    from medbloom.data.registry import resolve_size
+    from medbloom.experiment import client_data, initial_model
+    from medbloom.privacy import plan_for, train_private
+    from medbloom.training import count_correct, loss_function, make_optimizer, train_local
+
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig(data_dir=str(DATA_DIR)).validate()
+    cfg = cfg.replace(size=resolve_size(cfg.dataset, cfg.size))
+    datas = sorted((client_data(cfg, i, cfg.num_clients) for i in range(cfg.num_clients)),
+                   key=lambda d: len(d.train))  # fmt: skip
+    picks = {"largest": datas[-1], "median": datas[len(datas) // 2], "smallest": datas[0]}
+    rows = []
+    for name, data in picks.items():
+        model = initial_model(cfg, data.spec)
+        plan = plan_for(len(data.train), cfg.batch_size, 1, cfg.rounds, 8.0, 1e-5, 1.0)
+        plain, private = [], []
+        for rep in range(args.reps):
+            m = initial_model(cfg, data.spec)
+            t0 = time.perf_counter()
+            train_local(m, data.train.x, data.train.y, task=data.spec.task, epochs=1,
+                        batch_size=cfg.batch_size, weights=data.weights, seed=rep)  # fmt: skip
+            plain.append(time.perf_counter() - t0)
+            m = initial_model(cfg, data.spec)
+            t0 = time.perf_counter()
+            train_private(
+                m, data.train.x, data.train.y, plan=plan,
+                criterion=loss_function(data.spec.task, data.weights),
+                make_optimizer=lambda mod: make_optimizer(mod, "adam", cfg.lr),
+                epochs=1, batch_size=cfg.batch_size, seed=rep, noise_seed=rep + 1,
+                device=torch.device("cpu"), augment=None,
+                correct=lambda logits, y, task=data.spec.task: count_correct(logits, y, task),
+            )  # fmt: skip
+            private.append(time.perf_counter() - t0)
+        del model
+        rows.append([name, len(data.train), f"{plan.noise_multiplier:.2f}",
+                     f"{median(plain):.2f}", f"{median(private):.2f}",
+                     f"{median(private) / median(plain):.2f}x"])  # fmt: skip
+    print(table(["hospital", "images", "noise", "plain s/round", "DP-SGD s/round", "ratio"], rows))
+
+
+if __name__ == "__main__":
+    main()
