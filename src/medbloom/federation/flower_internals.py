@@ -88,6 +88,27 @@ def run_supernode(argv: Sequence[str]) -> None:
     flower_supernode()
 
 
+def clip_zero_updates() -> bool:
+    """Let Flower's fixed clipping pass an update of norm 0 (a hospital whose model did
+    not move: under hospital-level DP noise a saturated network can have gradients that
+    are exactly 0) instead of dividing by it: ``clip_inputs_inplace`` scales by
+    ``min(1, clip / norm)`` and raised ZeroDivisionError, ending the run. A zero update
+    clipped is itself. Returns whether the patch applied."""
+    module = importlib.import_module("flwr.supercore.differential_privacy")
+    original = getattr(module, "clip_inputs_inplace", None)
+    if original is None or getattr(original, "_medbloom", False):
+        return original is not None
+
+    def clip_inputs_inplace(input_arrays: Any, clipping_norm: float) -> None:
+        if module.get_norm(input_arrays) == 0:
+            return
+        original(input_arrays, clipping_norm)
+
+    clip_inputs_inplace._medbloom = True  # type: ignore[attr-defined]
+    module.clip_inputs_inplace = clip_inputs_inplace  # type: ignore[attr-defined]
+    return True
+
+
 def record_exit_signal() -> Callable[[], int | None]:
     """Have Flower's signal handler (SuperLink, SuperNode) remember the signal that made
     it exit; return a function that gives it (None: no signal). Flower exits with code
@@ -541,6 +562,19 @@ def assumption_report() -> list[tuple[str, bool, str]]:
             "pull_task_input",
             "push_message",
             "push_task_output",
+        ),
+    )
+    check(
+        "Flower's fixed clipping calls its module's clip_inputs_inplace, which divides by "
+        "the update's norm (get_norm)",
+        lambda: (
+            has("flwr.supercore.differential_privacy", "clip_inputs_inplace", "get_norm")
+            and "clip_inputs_inplace(model_update"
+            in inspect.getsource(
+                importlib.import_module(
+                    "flwr.supercore.differential_privacy"
+                ).compute_clip_model_update
+            )
         ),
     )
     check(

@@ -21,6 +21,7 @@ message part not there yet is asked for again after 0.05 s, not Flower's 1 s
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -113,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         name="clientapp",
     ).start()
     ended_by = flower_internals.record_exit_signal()
+
+    def stop_early(signum: int, frame: object) -> None:
+        # a signal before Flower has put in its own handlers (it starts the Runtime API
+        # first): leave as a stopped node does
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_early)
     try:
         flower_internals.run_supernode(["--isolation", "process", "--port", str(args.port), *rest])
     except SystemExit as exc:
@@ -121,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # a process, which with ten hospitals on two cores made a launch take 10 s to
         # stop. A node writes nothing but its log, so flush that and leave now.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        signum = ended_by()
+        signum = ended_by() or (code - 128 if code in (130, 143) else 0)
         # stopped by a signal: exit as a shell reports it (143 for SIGTERM, 130 Ctrl-C)
         exit_without_teardown(128 + signum if signum else code)
 

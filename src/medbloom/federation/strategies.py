@@ -16,8 +16,10 @@ def build_strategy(cfg: ExperimentConfig) -> Any:
     strategy = _flower_strategy(cfg)
     if cfg.privacy != "hospital":
         return strategy
+    from medbloom.federation import flower_internals
     from medbloom.privacy import hospital_accountant, hospital_noise
 
+    flower_internals.clip_zero_updates()
     return fl.DifferentialPrivacyServerSideFixedClipping(
         strategy,
         noise_multiplier=hospital_noise(cfg),
