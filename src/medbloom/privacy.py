@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import math
-import os
 import secrets
 import warnings
 from collections.abc import Callable
@@ -162,13 +161,11 @@ class Ledger:
 
     def record(self, history: list[tuple[float, float, int]]) -> None:
         """Add a round's accountant history and write the ledger (atomically)."""
+        from medbloom.runs import atomic_write_json
+
         self.history.extend((float(s), float(q), int(n)) for s, q, n in history)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(
-            json.dumps({"history": self.history, "secret": self.secret}), encoding="utf-8"
-        )
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"history": self.history, "secret": self.secret})
 
 
 def train_private(

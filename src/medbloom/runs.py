@@ -233,9 +233,8 @@ class RunRecorder:
             self.best = max(scored, key=lambda r: r["val_auc"], default=None)
         # each hospital's privacy spent so far (--privacy sample), as it last reported
         self.spent: dict[str, float] = {}
-        if resume_round is not None and (path / "clients.csv").exists():
-            with (path / "clients.csv").open(newline="", encoding="utf-8") as fh:
-                self._note_spent([{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(fh)])
+        if resume_round is not None:
+            self._note_spent(read_metrics(path, "clients.csv"))
         eps = (self.last or {}).get("epsilon")
         if cfg.privacy == "hospital" and isinstance(eps, int | float) and math.isfinite(eps):
             self.spent["server"] = float(eps)
@@ -245,9 +244,9 @@ class RunRecorder:
 
     def _note_spent(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
-            eps = row.get("epsilon")
-            if isinstance(eps, int | float) and math.isfinite(eps) and row.get("client_id") != "":
-                self.spent[str(row["client_id"])] = float(eps)
+            eps, client = row.get("epsilon"), row.get("client_id")
+            if isinstance(eps, int | float) and math.isfinite(eps) and client not in ("", None):
+                self.spent[str(client)] = float(eps)
 
     def note_server_epsilon(self, epsilon: float) -> None:
         """Hospital-level DP: what the server's accountant has spent so far."""
@@ -456,9 +455,10 @@ def _parse(value: str) -> Any:
     return int(number) if number.is_integer() and "." not in value and "e" not in value else number
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a run's metrics.csv, numbers parsed, empty cells as None."""
-    file = path / "metrics.csv"
+def read_metrics(path: Path, name: str = "metrics.csv") -> list[dict[str, Any]]:
+    """The complete rows of a run's metrics.csv (or another of its CSV records, such as
+    clients.csv), numbers parsed, empty cells as None."""
+    file = path / name
     if not file.exists():
         return []
     with file.open(newline="", encoding="utf-8") as fh:
