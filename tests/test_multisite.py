@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from conftest import end_process_groups, flower_cli_env
 from medbloom.certs import make_certs
 from synthetic import write_npz
 
@@ -38,15 +37,7 @@ def _free_port() -> int:
 
 
 def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = flower_cli_env(tmp_path / "flwr-home")
     counts = {"train": 80, "val": 20, "test": 30}
     server_data = tmp_path / "server-data"
     write_npz(server_data, "pneumoniamnist", counts=counts, seed=1)
@@ -197,12 +188,4 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
             print(f"----- {log.name} -----\n{log.read_text()[-3000:]}")
         raise
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_process_groups(procs)

@@ -157,6 +157,21 @@ def test_bad_privacy_input_is_one_line_exit_2_and_nothing_written(
     assert not out.exists()
 
 
+def _stop_after_round_1(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Run ``cfg`` in ``run_dir`` and stop it, as Ctrl-C would, once round 1 is recorded."""
+    from medbloom.federation.server_app import RunInterrupted
+    from medbloom.federation.simulation import run_simulation
+
+    stop = threading.Event()
+
+    def after(row: dict[str, object]) -> None:
+        if row["round"] == 1:
+            stop.set()
+
+    with pytest.raises(RunInterrupted):
+        run_simulation(cfg, run_dir, after, stop)
+
+
 def _hospital_rounds(run_dir: Path) -> dict[str, list[float]]:
     with (run_dir / "clients.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -174,7 +189,6 @@ def test_a_private_run_states_its_epsilon_and_keeps_counting_across_a_resume(
     epsilon grows round after round (the resumed run does not start again from 0),
     equals the accountant's over the rounds it trained, and ends at most at the
     target; metrics.csv and summary.json carry the largest."""
-    from medbloom.federation.server_app import RunInterrupted
     from medbloom.federation.simulation import run_simulation
 
     root = tmp_path / "data"
@@ -184,14 +198,7 @@ def test_a_private_run_states_its_epsilon_and_keeps_counting_across_a_resume(
         privacy="sample", target_epsilon=4.0, out=str(tmp_path / "run"),
     ).validate()  # fmt: skip
     run_dir = prepare_run(cfg)
-    stop = threading.Event()
-
-    def after(row: dict[str, object]) -> None:
-        if row["round"] == 1:
-            stop.set()
-
-    with pytest.raises(RunInterrupted):
-        run_simulation(cfg, run_dir, after, stop)
+    _stop_after_round_1(cfg, run_dir)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     run_simulation(cfg, run_dir, resume=True)
 
@@ -237,20 +244,13 @@ def test_a_hospital_refuses_past_its_own_ceiling_and_the_others_go_on(tmp_path: 
     `flwr run` with --privacy sample. Hospital 0's node config holds max-epsilon just
     above what one round spends: it trains round 1, then refuses and says why; the
     server records it as a failed hospital and finishes with hospital 1."""
-    import os
-    import signal
     import socket
     import time
 
+    from conftest import end_process_groups, flower_cli_env
+
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flower_cli_env(tmp_path / "flwr-home")
 
     def free_port() -> int:
         with socket.socket() as s:
@@ -335,15 +335,7 @@ def test_a_hospital_refuses_past_its_own_ceiling_and_the_others_go_on(tmp_path: 
             print(f"----- {log.name} -----\n{log.read_text()[-3000:]}")
         raise
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_process_groups(procs)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +364,6 @@ def test_hospital_level_privacy_uses_flowers_wrapper_and_accountant_across_a_res
     RdpAccountant, the noise calibrated to spend the target over the planned rounds.
     Stopped after round 1 and resumed, the accountant goes on from its checkpoint:
     epsilon after round r is the accountant's for r releases."""
-    from medbloom.federation.server_app import RunInterrupted
     from medbloom.federation.simulation import run_simulation
     from medbloom.federation.strategies import build_strategy
     from medbloom.privacy import hospital_epsilon
@@ -388,14 +379,7 @@ def test_hospital_level_privacy_uses_flowers_wrapper_and_accountant_across_a_res
     noise = strategy.noise_multiplier
     assert hospital_epsilon(cfg, noise, 3) <= 6.0 < hospital_epsilon(cfg, noise * 0.99, 3)
     run_dir = prepare_run(cfg)
-    stop = threading.Event()
-
-    def after(row: dict[str, object]) -> None:
-        if row["round"] == 1:
-            stop.set()
-
-    with pytest.raises(RunInterrupted):
-        run_simulation(cfg, run_dir, after, stop)
+    _stop_after_round_1(cfg, run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
     assert "privacy_accountant" in ckpt
     run_simulation(cfg, run_dir, resume=True)

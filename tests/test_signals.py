@@ -81,6 +81,21 @@ def _medbloom(*args: str, env: dict[str, str] | None = None, **kw: object) -> su
     )
 
 
+def _wait_for_round_1(proc: subprocess.Popen[str], out: Path) -> None:
+    """Until the run in ``out`` has recorded round 1 (round 0 and 1 rows), with the
+    process still running."""
+    metrics = out / "metrics.csv"
+    _wait_until(
+        lambda: (
+            proc.poll() is not None
+            or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+        ),
+        180,
+        "round 1 recorded",
+    )
+    assert proc.poll() is None, proc.communicate()
+
+
 def _stop_server_like(proc: subprocess.Popen[str], port: int) -> None:
     """SIGTERM to the command's own process: it and everything it started end."""
     _wait_until(lambda: _listening(port) or proc.poll() is not None, 90, f"port {port} open")
@@ -145,16 +160,7 @@ def test_sigterm_stops_medbloom_launch_and_its_processes(tmp_path: Path) -> None
         "--rounds", "200",
     )  # fmt: skip
     try:
-        metrics = out / "metrics.csv"
-        _wait_until(
-            lambda: (
-                proc.poll() is not None
-                or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-            ),
-            180,
-            "round 1 recorded",
-        )
-        assert proc.poll() is None, proc.communicate()
+        _wait_for_round_1(proc, out)
         pids = json.loads((out / "flwr" / "pids.json").read_text()).values()
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=90)
@@ -182,16 +188,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, whole_group: bool) -
         "--rounds", "500", env=tagged_env(tag), start_new_session=True,
     )  # fmt: skip
     try:
-        metrics = out / "metrics.csv"
-        _wait_until(
-            lambda: (
-                proc.poll() is not None
-                or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-            ),
-            180,
-            "round 1 recorded",
-        )
-        assert proc.poll() is None, proc.communicate()
+        _wait_for_round_1(proc, out)
         t0 = time.monotonic()
         if whole_group:
             os.killpg(proc.pid, signal.SIGTERM)
