@@ -102,7 +102,7 @@ def test_clean_split_is_the_test_split_minus_the_planted_twins(runs: Path) -> No
     keep = np.setdiff1d(np.arange(30), list(left_out))
     model = initial_model(cfg, spec_of(cfg.dataset, cfg.size))
     load_arrays(
-        model, torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["model"]
+        model, torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["model"]
     )
     split = TensorSplit.of(test.subset(keep))
     probs, _ = predict(model, split.x, split.y, "binary-class", device=torch.device("cpu"))

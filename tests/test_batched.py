@@ -203,7 +203,7 @@ def test_batched_run_equals_sequential_run(tmp_path: Path) -> None:
             clients = list(csv.DictReader(fh))
         with (run_dir / "metrics.csv").open() as fh:
             metrics = list(csv.DictReader(fh))
-        model = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["model"]
+        model = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["model"]
         runs[mode] = (clients, metrics, model)
     (c_off, m_off, w_off), (c_on, m_on, w_on) = runs["off"], runs["on"]
     assert [(r["round"], r["client_id"], r["num_examples"]) for r in c_on] == [

@@ -441,7 +441,7 @@ def test_resume_from_a_broken_checkpoint_is_one_line_before_anything_starts(
     run_dir = prepare_run(cfg)
     (run_dir / "summary.json").write_text('{"status": "interrupted"}')
     latest = run_dir / "checkpoints" / "latest.pt"
-    torch.save({"round": 3, "model": {"w": torch.zeros(1000)}, "strategy": b"x"}, latest)
+    torch.save({"round": 3, "model": {"w": torch.zeros(1000)}, "strategy_state": {}}, latest)
     whole = latest.read_bytes()
     latest.write_bytes(
         {"truncated": whole[: len(whole) // 2], "garbage": b"\x80\x04garbage" * 50, "empty": b""}[

@@ -109,8 +109,8 @@ def test_medbloom_run_learns_and_writes_the_run_directory(
     assert len(client_rows) == 30
     assert {int(r["client_id"]) for r in client_rows} == set(range(10))
 
-    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
-    latest = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    latest = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert best["round"] == best_round and latest["round"] == 3
     assert (out / "logs" / "server.log").stat().st_size > 0
 

@@ -81,7 +81,7 @@ def _check_run(run_dir: Path, rounds: int, clients: int) -> list[dict[str, str]]
                 assert hi is None and point is None, (key, metric, point)
                 continue
             assert lo - 1e-9 <= point <= hi + 1e-9, (key, metric, lo, point, hi)
-    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     return rows
 
@@ -170,7 +170,7 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     b = _metrics(b_dir)
     # FedAvg's global arrays are float32 like the model: the checkpoint holds the
     # weights once, as the state dict, with no packed copy beside them
-    ckpt = torch.load(b_dir / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(b_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["global_arrays"] == {}
     assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in a]

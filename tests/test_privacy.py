@@ -380,7 +380,7 @@ def test_hospital_level_privacy_uses_flowers_wrapper_and_accountant_across_a_res
     assert hospital_epsilon(cfg, noise, 3) <= 6.0 < hospital_epsilon(cfg, noise * 0.99, 3)
     run_dir = prepare_run(cfg)
     _stop_after_round_1(cfg, run_dir)
-    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert "privacy_accountant" in ckpt
     run_simulation(cfg, run_dir, resume=True)
     with (run_dir / "metrics.csv").open() as fh:

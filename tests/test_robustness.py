@@ -133,14 +133,21 @@ def test_too_few_live_clients_fails_the_run_clearly(tmp_path: Path) -> None:
     assert finished - (run_dir / "metrics.csv").stat().st_mtime < 30
 
 
-@pytest.mark.parametrize("strategy", ["fedadam"])  # server optimizer moments to restore
+# server optimizer state to restore: FedAdam's moments (dicts of arrays), FedAvgM's
+# momentum (a list of arrays); both keep the global arrays they step from
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, strategy: str) -> None:
     """Server optimizer state, random state and round number survive a restart."""
     rounds = 4
-    whole = _config(tmp_path, "whole", strategy=strategy, rounds=rounds, fraction_train=0.67)
+    extra = {"server_momentum": 0.9} if strategy == "fedavgm" else {}
+    whole = _config(
+        tmp_path, "whole", strategy=strategy, rounds=rounds, fraction_train=0.67, **extra
+    )
     run_simulation(whole, prepare_run(whole))
 
-    cfg = _config(tmp_path, "resumed", strategy=strategy, rounds=rounds, fraction_train=0.67)
+    cfg = _config(
+        tmp_path, "resumed", strategy=strategy, rounds=rounds, fraction_train=0.67, **extra
+    )
     run_dir = prepare_run(cfg)
     stop = threading.Event()
 
@@ -169,9 +176,16 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, str
         return [tuple(r[k] for k in keys) for r in _rows(path, "clients.csv")]
 
     assert client_view(run_dir) == client_view(tmp_path / "whole")
-    # FedAdam computes in float64: those values are kept beside the float32 model
-    latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
-    assert {v.dtype.name for v in latest["global_arrays"].values()} == {"float64"}
+    latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    if strategy == "fedadam":
+        # FedAdam computes in float64: those values are kept beside the float32 model
+        assert {v.dtype for v in latest["global_arrays"].values()} == {torch.float64}
+        assert set(latest["strategy_state"]) == {
+            f"strategy.{a}" for a in ("current_arrays", "m_t", "v_t")
+        }
+    else:
+        momentum = latest["strategy_state"]["strategy.momentum_vector"]["list"]
+        assert momentum and all(m.abs().sum() > 0 for m in momentum)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == rounds
     lines = (run_dir / "per_class.jsonl").read_text().splitlines()

@@ -229,10 +229,10 @@ def test_recorder_rounds_checkpoints_and_summary(run_dir: Path, cfg: ExperimentC
         # each row is on disk as soon as the round is recorded, before close()
         header, rows = _metrics(run_dir)
         assert len(rows) == r + 1
-        latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+        latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
         assert latest["round"] == r
         assert torch.equal(latest["model"]["fc.weight"], _state(r)["fc.weight"])
-        best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+        best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
         assert best_ckpt["round"] == best
         assert torch.equal(best_ckpt["model"]["fc.weight"], _state(best)["fc.weight"])
         summary = _strict_json(run_dir / "summary.json")
@@ -299,7 +299,7 @@ def test_recorder_keeps_the_earlier_round_on_a_tie(run_dir: Path, cfg: Experimen
     assert not rec.record_round(_row(1, 0.8), _state(1))
     assert not rec.record_round(_row(2, 0.79), _state(2))
     rec.close("finished")
-    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)["round"] == 0
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["round"] == 0
     assert _strict_json(run_dir / "summary.json")["best"]["round"] == 0
 
 

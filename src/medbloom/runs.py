@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -116,8 +117,27 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def atomic_torch_save(path: Path, obj: Any) -> None:
     """``torch.save`` via a temporary file and a rename: a crash mid-write leaves the
     previous checkpoint whole. Saved through a Python file object, so that a full
-    disk surfaces as the OSError behind torch's own error."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    disk surfaces as the OSError behind torch's own error.
+
+    NumPy arrays become tensors and NumPy scalars Python numbers, so that the file
+    holds only what ``torch.load(weights_only=True)`` reads (:func:`load_checkpoint`).
+    """
+    plain = _plain(obj)
+    _atomic_write(path, lambda fh: torch.save(plain, fh))
+
+
+def _plain(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    return x
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -225,6 +245,7 @@ class RunRecorder:
         self.last: dict[str, Any] | None = None
         self.rows = 0
         self.intervals: dict[str, Any] | None = None  # bootstrap CIs, set when the run ends
+        self.calibration: dict[str, Any] | None = None  # temperature scaling, at the end
         if resume_round is not None:
             rows = truncate_records(path, resume_round)
             self.rows = len(rows)
@@ -384,6 +405,8 @@ class RunRecorder:
         }
         if self.intervals:
             summary["intervals"] = self.intervals
+        if self.calibration:
+            summary["calibration"] = self.calibration
         if error:
             summary["error"] = error
         atomic_write_json(self.path / "summary.json", summary)
@@ -421,9 +444,55 @@ def mark_summary(run_dir: Path, status: str, error: str) -> None:
     atomic_write_json(path, summary)
 
 
+class UnsafeCheckpoint(MedbloomError):
+    """A checkpoint that holds more than tensors and plain data: loading it could run
+    code, so it is refused."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint (``latest.pt``, ``best.pt``) read with ``weights_only=True``:
+    tensors, numbers, strings, lists and dicts, never a pickled object, so a planted
+    file cannot run code. A one-line :class:`MedbloomError` names what is wrong:
+    missing, unreadable (truncated, garbage), or holding other objects
+    (:class:`UnsafeCheckpoint`, also for checkpoints of earlier medbloom versions,
+    which pickled the strategy)."""
+    if not path.is_file():
+        raise MedbloomError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UnsafeCheckpoint(
+                f"{path} holds Python objects besides tensors and plain data, and loading "
+                "it could run code: refused (medbloom writes only tensors, numbers and "
+                "strings; do not load a checkpoint you did not make)"
+            ) from None
+        raise _unreadable(path, exc) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError... on damage
+        raise _unreadable(path, exc) from None
+    if not isinstance(ckpt, dict) or not {"model", "round"} <= set(ckpt):
+        raise MedbloomError(f"{path} is not a medbloom checkpoint (no model and round)")
+    if "strategy" in ckpt:
+        raise UnsafeCheckpoint(
+            f"{path} carries a pickled strategy (written by an earlier medbloom), which "
+            "would run code when loaded: refused; its model weights are under 'model'"
+        )
+    return cast(dict[str, Any], ckpt)
+
+
+def _unreadable(path: Path, exc: BaseException) -> MedbloomError:
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return MedbloomError(
+        f"{path} is unreadable ({type(exc).__name__}"
+        + (f": {detail}" if detail else "")
+        + "): truncated or not a checkpoint"
+    )
+
+
 def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """``checkpoints/latest.pt`` of a run to resume, or a one-line :class:`MedbloomError`
-    when it is missing, unreadable (truncated, garbage) or not a resume checkpoint.
+    """``checkpoints/latest.pt`` of a run to resume (see :func:`load_checkpoint`), or a
+    one-line :class:`MedbloomError` when it is missing, unreadable, unsafe or not a
+    resume checkpoint.
 
     Checkpoints are written to a temporary file and renamed, so a crash while writing
     leaves the previous one whole; a broken file was damaged afterwards.
@@ -432,15 +501,10 @@ def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise MedbloomError(f"--resume {run_dir}: no checkpoints/latest.pt, nothing to resume")
     try:
-        ckpt = torch.load(path, weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError...
-        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-        raise MedbloomError(
-            f"--resume {run_dir}: {path} is unreadable ({type(exc).__name__}"
-            + (f": {detail}" if detail else "")
-            + "): truncated or not a checkpoint; the run cannot go on from it"
-        ) from None
-    if not isinstance(ckpt, dict) or not {"strategy", "model", "round"} <= set(ckpt):
+        ckpt = load_checkpoint(path)
+    except MedbloomError as exc:
+        raise type(exc)(f"--resume {run_dir}: {exc}; the run cannot go on from it") from None
+    if "strategy_state" not in ckpt:
         raise MedbloomError(f"--resume {run_dir}: {path} has no resume state")
     return ckpt
 

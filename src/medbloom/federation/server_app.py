@@ -9,10 +9,8 @@ the round ends.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import pickle
 import random
 import re
 import threading
@@ -31,7 +29,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from medbloom.config import ExperimentConfig
-from medbloom.errors import RecordWriteError
+from medbloom.errors import MedbloomError, RecordWriteError
 from medbloom.experiment import (
     TensorSplit,
     initial_model,
@@ -40,10 +38,10 @@ from medbloom.experiment import (
     spec_summary,
 )
 from medbloom.federation import flower_internals
-from medbloom.federation.strategies import build_strategy
+from medbloom.federation.strategies import build_strategy, restore_strategy, strategy_state
 from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import bootstrap_intervals, evaluate_scores, per_class_report
-from medbloom.runs import RunRecorder, attach_log_file, detach_log_file
+from medbloom.runs import RunRecorder, attach_log_file, detach_log_file, load_checkpoint
 from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
     load_arrays,
@@ -78,6 +76,7 @@ class Evaluator:
         self.layout = Layout.of(state_arrays(self.model))
         self.last_report: dict[str, Any] = {}
         self.last_probs: np.ndarray | None = None
+        self.last_val_probs: np.ndarray | None = None
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Scores of the global weights on test (no prefix), the clean test split
@@ -97,7 +96,30 @@ class Evaluator:
             self.last_report["clean"] = per_class_report(
                 labels, clean_probs, self.spec.task, self.spec.class_names
             )
-        out.update(self._split(self.val, "val_")[0])
+        val_scores, self.last_val_probs = self._split(self.val, "val_")
+        out.update(val_scores)
+        return out
+
+    def calibration(self, run_dir: Path) -> dict[str, Any]:
+        """Temperature scaling of the final model and of the best one
+        (``checkpoints/best.pt``): each fitted on the validation split, its ECE on the
+        test split before and after (:mod:`medbloom.calibration`)."""
+        from medbloom.calibration import calibration_report
+
+        task = self.spec.task
+        out: dict[str, Any] = {}
+        if self.last_probs is not None and self.last_val_probs is not None:
+            out["final"] = calibration_report(
+                self.val.labels, self.last_val_probs, self.test.labels, self.last_probs, task
+            )
+        best = run_dir / "checkpoints" / "best.pt"
+        if best.exists():
+            load_arrays(self.model, load_checkpoint(best)["model"])
+            val_probs = self._split(self.val, "")[1]
+            test_probs = self._split(self.test, "")[1]
+            out["best"] = calibration_report(
+                self.val.labels, val_probs, self.test.labels, test_probs, task
+            )
         return out
 
     def intervals(self, run_dir: Path, seed: int) -> dict[str, Any]:
@@ -112,7 +134,7 @@ class Evaluator:
         best = run_dir / "checkpoints" / "best.pt"
         probs = {"final": self.last_probs}
         if best.exists():
-            load_arrays(self.model, torch.load(best, weights_only=False)["model"])
+            load_arrays(self.model, load_checkpoint(best)["model"])
             probs["best"] = self._split(self.test, "")[1]
         for name, p in probs.items():
             if p is None:
@@ -492,7 +514,7 @@ def run_federation(
     simulated = flower_internals.is_simulation_grid(grid)
     try:
         if ckpt:
-            strategy = pickle.loads(ckpt["strategy"])
+            strategy = _restored_strategy(cfg, ckpt, run_dir)
             if "privacy_accountant" in ckpt:  # --privacy hospital: spent so far
                 from medbloom.privacy import hospital_accountant
 
@@ -592,12 +614,14 @@ def run_federation(
             }
             _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
         recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+        recorder.calibration = _calibration(evaluator, run_dir)
         status = "finished"
         return row
     except RunInterrupted as exc:
         status, error = "interrupted", str(exc)
         log.warning("run interrupted after %d recorded rounds", max(recorder.rows - 1, 0))
         recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+        recorder.calibration = _calibration(evaluator, run_dir)
         raise
     except BaseException as exc:
         # a full disk says which file and why, without the exception's class name
@@ -646,6 +670,32 @@ def _intervals(evaluator: Evaluator, run_dir: Path, seed: int) -> dict[str, Any]
         return None
 
 
+def _calibration(evaluator: Evaluator, run_dir: Path) -> dict[str, Any] | None:
+    """Calibration of the final and best models for summary.json, with
+    ``calibration.json`` (the reliability bins too) and ``reliability.png``; a problem
+    is logged, never fatal to a run whose rounds are all recorded."""
+    from medbloom.calibration import plot_reliability
+    from medbloom.runs import atomic_write_json
+
+    try:
+        report = evaluator.calibration(run_dir)
+    except Exception as exc:
+        log.warning("could not measure calibration: %s", exc)
+        return None
+    if not report:
+        return None
+    atomic_write_json(run_dir / "calibration.json", report)
+    which = "best" if "best" in report else "final"
+    try:
+        plot_reliability(report[which], run_dir / "reliability.png", f"{which} model, test split")
+    except Exception as exc:
+        log.warning("could not draw the reliability diagram: %s", exc)
+    return {
+        name: {k: v for k, v in r.items() if not k.startswith("reliability")}
+        for name, r in report.items()
+    }
+
+
 def _write_plots(run_dir: Path, status: str) -> None:
     """The run's PNG plots, titled with how the run ended; a plotting problem is logged,
     never fatal to the run."""
@@ -655,6 +705,14 @@ def _write_plots(run_dir: Path, status: str) -> None:
         write_report(run_dir, status)
     except Exception as exc:
         log.warning("could not write the plots: %s", exc)
+
+
+def _restored_strategy(cfg: ExperimentConfig, ckpt: dict[str, Any], run_dir: Path) -> Any:
+    """The strategy rebuilt from ``cfg`` with the running state the checkpoint holds."""
+    try:
+        return restore_strategy(cfg, ckpt["strategy_state"])
+    except ValueError as exc:
+        raise MedbloomError(f"--resume {run_dir}: {exc}") from None
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
@@ -700,12 +758,9 @@ def _record(
     }
     accountant = getattr(strategy, "accountant", None)
     if accountant is not None:
-        # Flower's RdpAccountant holds modules, which do not pickle: its state goes
-        # beside the strategy, which is pickled without it
+        # Flower's RdpAccountant state is JSON-able: numbers, strings, lists
         resume_state["privacy_accountant"] = accountant.state_dict()
-        strategy = copy.copy(strategy)
-        strategy.accountant = None
-    resume_state["strategy"] = pickle.dumps(strategy)
+    resume_state["strategy_state"] = strategy_state(strategy)
     is_best = recorder.record_round(row, state, per_class, resume_state)
     log.info(
         "round %d/%d: test acc %.4f auc %.4f, val auc %.4f%s",

@@ -69,3 +69,82 @@ def _flower_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
     if name == "krum":
         return fl.Krum(num_malicious_nodes=0, **common)
     raise ConfigError(f"--strategy {name!r} is unknown: expected one of {', '.join(STRATEGIES)}")
+
+
+# What a Flower strategy changes while it runs: the server optimizer's arrays
+# (FedAdam/FedYogi: current_arrays, m_t, v_t; FedAvgM: current_arrays,
+# momentum_vector; the DP wrapper: current_arrays). Everything else is rebuilt from
+# the experiment config, so a checkpoint stores only these, as tensors.
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+def _layers(strategy: Any) -> list[tuple[str, Any]]:
+    """The strategy and the strategies it wraps, outermost first, with a path name."""
+    out, path = [], "strategy"
+    while strategy is not None:
+        out.append((path, strategy))
+        strategy, path = getattr(strategy, "strategy", None), f"{path}.strategy"
+    return out
+
+
+def _to_tensors(value: Any) -> Any:
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord
+
+    if value is None:
+        return None
+    if isinstance(value, ArrayRecord):
+        return {"arrayrecord": {k: torch.from_numpy(np.array(a.numpy())) for k, a in value.items()}}
+    if isinstance(value, dict):
+        return {"dict": {k: torch.from_numpy(np.array(v)) for k, v in value.items()}}
+    if isinstance(value, list):
+        return {"list": [torch.from_numpy(np.array(v)) for v in value]}
+    raise TypeError(f"strategy state of type {type(value).__name__} cannot be stored as tensors")
+
+
+def _from_tensors(value: Any) -> Any:
+    from flwr.app import Array, ArrayRecord
+
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("malformed strategy state")
+    ((kind, items),) = value.items()
+    if kind == "arrayrecord":
+        return ArrayRecord({k: Array(v.numpy()) for k, v in items.items()})
+    if kind == "dict":
+        return {k: v.numpy() for k, v in items.items()}
+    if kind == "list":
+        return [v.numpy() for v in items]
+    raise ValueError(f"malformed strategy state ({kind!r})")
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The running state of ``strategy`` (and of the strategies it wraps) as plain
+    tensors, lists and dicts: what ``torch.load(weights_only=True)`` reads back and no
+    loader can turn into code. The privacy accountant is stored apart (JSON)."""
+    state: dict[str, Any] = {}
+    for path, layer in _layers(strategy):
+        for attr in STATE_ATTRIBUTES:
+            if hasattr(layer, attr):
+                state[f"{path}.{attr}"] = _to_tensors(getattr(layer, attr))
+    return state
+
+
+def restore_strategy(cfg: ExperimentConfig, state: dict[str, Any]) -> Any:
+    """The strategy for ``cfg`` with the running state :func:`strategy_state` stored;
+    ValueError when the state does not fit the strategy (another strategy's checkpoint)."""
+    strategy = build_strategy(cfg)
+    expected = strategy_state(strategy).keys()
+    if set(state) != set(expected):
+        raise ValueError(
+            f"the stored strategy state ({', '.join(sorted(state)) or 'none'}) does not fit "
+            f"--strategy {cfg.strategy} ({', '.join(sorted(expected)) or 'none'})"
+        )
+    for path, layer in _layers(strategy):
+        for attr in STATE_ATTRIBUTES:
+            key = f"{path}.{attr}"
+            if key in state:
+                setattr(layer, attr, _from_tensors(state[key]))
+    return strategy
