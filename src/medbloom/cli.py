@@ -479,6 +479,62 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medbloom.trained import load_trained, predict_files
+
+    trained = load_trained(Path(args.run_dir), args.which)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "predictions.csv"
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder, expected a CSV file name")
+    onnx = Path(args.onnx) if args.onnx else None
+    scored, skipped = predict_files(trained, [Path(p) for p in args.paths], out, onnx_model=onnx)
+    for path, why in skipped:
+        print(f"medbloom: skipped {path}: {why}", file=sys.stderr)
+    print(
+        f"{scored} image(s) scored by the {trained.which} model (round {trained.round}, "
+        f"temperature {trained.temperature:.3f}"
+        + (f", {onnx}" if onnx else "")
+        + f"); {len(skipped)} skipped; {out}"
+    )
+    return 0 if scored else 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medbloom.trained import export_model, load_trained
+
+    trained = load_trained(Path(args.run_dir), args.which)
+    suffix = ".onnx" if args.format == "onnx" else ".pt"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"model{suffix}"
+    model_file, sidecar = export_model(trained, args.format, out)
+    print(f"{model_file}\n{sidecar}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medbloom.runs import atomic_write_json
+    from medbloom.trained import default_evaluation_path, evaluate_on, load_trained
+
+    trained = load_trained(Path(args.run_dir), args.which)
+    result = evaluate_on(trained, args.dataset, args.data_dir or None, args.split)
+    out = (
+        Path(args.out)
+        if args.out
+        else default_evaluation_path(Path(args.run_dir), args.dataset, args.split)
+    )
+    atomic_write_json(out, result)
+    s, ci = result["scores"], result["intervals"]
+    print(
+        f"{args.dataset} ({args.split}, {result['images']} images), the {trained.which} "
+        f"model of {args.run_dir}:"
+    )
+    for key, label in (("accuracy", "ACC"), ("auc", "AUC"), ("f1", "macro F1")):
+        low, high = ci[key]
+        print(f"  {label:9s} {s[key]:.4f}  [95% CI {low:.4f}, {high:.4f}]")
+    print(f"  ECE       {s['ece']:.4f}  (temperature {trained.temperature:.3f})")
+    print(out)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medbloom.sweep import load_sweep, run_sweep
 
@@ -619,6 +675,57 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
+
+    which_help = "best (highest validation AUC, the default) or final"
+    predict = sub.add_parser(
+        "predict",
+        help="score image files with a run's model; a CSV of classes and probabilities",
+        description="Score image files (or the images in folders, recursively) with a "
+        "run's model, preprocessed as the run's data set was; one CSV row per image: "
+        "path, predicted class, the calibrated probability of every class. Unreadable "
+        "files are listed and skipped.",
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
+    predict.add_argument("--out", metavar="CSV", help="default: RUN_DIR/predictions.csv")
+    predict.add_argument(
+        "--onnx", metavar="FILE", help="score with this exported ONNX model (ONNX Runtime)"
+    )
+    predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="write a run's model as ONNX or TorchScript, with a JSON of what it expects",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    export.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    export.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
+    export.add_argument(
+        "--out", metavar="FILE", help="default: RUN_DIR/export/model.onnx (or model.pt)"
+    )
+    export.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a run's model on another data set or folder (external validation)",
+        description="Score a run's model on a data set (any --dataset a run accepts, "
+        "folder:PATH included) at the run's image size, with the run's metrics, 95%% "
+        "bootstrap intervals and calibration error; nothing is trained. Writes "
+        "RUN_DIR/evaluations/<dataset>-<split>.json.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    evaluate.add_argument("--dataset", required=True, help="data set name or folder:PATH")
+    evaluate.add_argument("--data-dir", default="", help="data root (as for run)")
+    evaluate.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "train", "all"),
+        help="which split to score (default test; all: every image, for a set the model never saw)",
+    )
+    evaluate.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
+    evaluate.add_argument("--out", metavar="JSON", help="where to write the result")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     sweep = sub.add_parser(
         "sweep",
