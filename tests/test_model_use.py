@@ -410,3 +410,32 @@ def test_checkpoints_hold_only_tensors_and_plain_data(run_dir: Path) -> None:
         assert "strategy" not in ckpt  # no pickled object
     latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert "strategy_state" in latest
+
+
+# ------------------------------------------------------------------ model card
+
+
+def test_every_run_writes_a_model_card_true_to_its_records(run_dir: Path) -> None:
+    card = (run_dir / "model_card.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final, temperature = summary["final"], summary["calibration"]["best"]["temperature"]
+    assert "# Model card: cnn on brain-tumor-mri" in card
+    assert ", ".join(CLASSES) in card
+    assert f"| final | 2 | {final['accuracy']:.3f}" in card
+    low, high = summary["intervals"]["final"]["auc"]
+    assert f"{final['auc']:.3f} [{low:.3f}, {high:.3f}]" in card
+    assert f"temperature {temperature:.3f}" in card
+    assert "No formal privacy guarantee" in card and "**Not for** clinical" in card
+    for cid in ("0", "1"):  # a row per hospital
+        assert f"\n| {cid} | 2 |" in card
+
+
+def test_report_rewrites_the_model_card(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "model_card.md").unlink()
+    proc = medbloom("report", str(copy), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (copy / "model_card.md").read_text() == (run_dir / "model_card.md").read_text().replace(
+        run_dir.name, copy.name
+    )

@@ -467,11 +467,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from medbloom.model_card import write_model_card
     from medbloom.plots import write_report
 
     run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no summary.json)")
     for path in write_report(run_dir):
         print(path)
+    print(write_model_card(run_dir))
     summary_file = run_dir / "summary.json"
     if summary_file.exists():
         for line in summary_lines(json.loads(summary_file.read_text())):
@@ -672,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
     dash.set_defaults(func=cmd_dashboard)
 
-    report = sub.add_parser("report", help="write a run's plots (PNG) into its directory")
+    report = sub.add_parser(
+        "report", help="write a run's plots (PNG) and model card (model_card.md) into it"
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
 

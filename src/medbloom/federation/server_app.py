@@ -636,6 +636,7 @@ def run_federation(
         try:
             if not disk_failed:
                 _write_plots(run_dir, status)
+                _write_model_card(recorder, run_dir, status, error)
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
@@ -694,6 +695,18 @@ def _calibration(evaluator: Evaluator, run_dir: Path) -> dict[str, Any] | None:
         name: {k: v for k, v in r.items() if not k.startswith("reliability")}
         for name, r in report.items()
     }
+
+
+def _write_model_card(recorder: RunRecorder, run_dir: Path, status: str, error: str | None) -> None:
+    """``model_card.md`` from the run directory, with the summary as the run ends; a
+    problem is logged, never fatal to the run."""
+    from medbloom.model_card import write_model_card
+
+    try:
+        recorder.write_summary(status, error)
+        write_model_card(run_dir)
+    except Exception as exc:
+        log.warning("could not write the model card: %s", exc)
 
 
 def _write_plots(run_dir: Path, status: str) -> None:
