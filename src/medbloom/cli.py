@@ -705,7 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a run's model as ONNX or TorchScript, with a JSON of what it expects",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
-    export.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    export.add_argument(
+        "--format",
+        default="onnx",
+        choices=("onnx", "torchscript"),
+        help="onnx (data, for ONNX Runtime; the default) or torchscript (a program "
+        "torch.jit.load runs: share only with those who trust you)",
+    )
     export.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
     export.add_argument(
         "--out", metavar="FILE", help="default: RUN_DIR/export/model.onnx (or model.pt)"
