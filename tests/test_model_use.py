@@ -436,6 +436,8 @@ def test_report_rewrites_the_model_card(run_dir: Path, tmp_path: Path) -> None:
     (copy / "model_card.md").unlink()
     proc = medbloom("report", str(copy), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    t = json.loads((copy / "summary.json").read_text())["calibration"]["best"]["temperature"]
+    assert f"at temperature {t:.3f} (fitted on validation" in proc.stdout
     assert (copy / "model_card.md").read_text() == (run_dir / "model_card.md").read_text().replace(
         run_dir.name, copy.name
     )

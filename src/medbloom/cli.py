@@ -239,6 +239,16 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         from medbloom.privacy import describe
 
         lines.append(describe(summary.get("privacy")))
+    calibration = (summary.get("calibration") or {}).get("best") or (
+        summary.get("calibration") or {}
+    ).get("final")
+    if calibration:
+        lines.append(
+            f"calibration: test ECE {calibration['test_ece_before']:.4f}, "
+            f"{calibration['test_ece_after']:.4f} at temperature "
+            f"{calibration['temperature']:.3f} (fitted on validation; used by predict and "
+            "export); see reliability.png"
+        )
     if intervals:
         lines.append(
             f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "
