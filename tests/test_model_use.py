@@ -441,3 +441,106 @@ def test_report_rewrites_the_model_card(run_dir: Path, tmp_path: Path) -> None:
     assert (copy / "model_card.md").read_text() == (run_dir / "model_card.md").read_text().replace(
         run_dir.name, copy.name
     )
+
+
+# ------------------------------------------------------------------ federated evaluation
+
+
+def _scored_by_hand(run_dir: Path, cfg: ExperimentConfig) -> dict[int, tuple[int, float]]:
+    """Each hospital's image count and accuracy of the scored run's best model on all
+    its images, computed here without Flower."""
+    from medbloom.experiment import client_data
+    from medbloom.metrics import medmnist_acc
+    from medbloom.trained import load_trained
+
+    trained = load_trained(run_dir)
+    out = {}
+    for pid in range(cfg.num_clients):
+        data = client_data(cfg, pid, cfg.num_clients)
+        x = torch.cat([data.train.x, data.val.x])
+        labels = np.concatenate([data.train.labels, data.val.labels])
+        probs = trained.probabilities(x)
+        out[pid] = (len(labels), medmnist_acc(labels, probs, data.spec.task))
+    return out
+
+
+def test_federated_evaluation_scores_the_model_at_every_hospital_and_trains_nothing(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from medbloom.experiment import load_run_config, prepare_run
+    from medbloom.federation.simulation import run_simulation
+
+    cfg = ExperimentConfig(
+        dataset="brain-tumor-mri",
+        data_dir=str(run_dir.parent / "data"),
+        num_clients=3,
+        rounds=20,  # a scoring run has one round whatever is asked
+        alpha=1.0,
+        min_partition_size=4,
+        score_model=str(run_dir),
+        out=str(tmp_path / "scored"),
+    ).validate()
+    scored = prepare_run(cfg)
+    cfg = load_run_config(scored)
+    assert (cfg.model, cfg.size, cfg.rounds) == ("cnn", SIZE, 1)  # from the scored run
+    run_simulation(cfg, scored)
+    rows = _rows(scored / "clients.csv")
+    assert sorted(int(r["client_id"]) for r in rows) == [0, 1, 2]
+    assert all(r["status"] == "ok" and r["round"] == "1" for r in rows)
+    by_hand = _scored_by_hand(run_dir, cfg)
+    for r in rows:
+        n, acc = by_hand[int(r["client_id"])]
+        assert int(r["num_examples"]) == n
+        assert float(r["site_accuracy"]) == pytest.approx(acc)
+        assert r["train_loss"] == ""  # nothing trained
+    metrics = _rows(scored / "metrics.csv")
+    assert [m["round"] for m in metrics] == ["0", "1"]
+    accs = [float(r["site_accuracy"]) for r in rows]
+    assert float(metrics[1]["worst_site_accuracy"]) == pytest.approx(min(accs))
+    assert metrics[1]["accuracy"] == metrics[0]["accuracy"]  # the same model at the server
+    source = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    kept = torch.load(scored / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(source[k], kept[k]) for k in source)
+    summary = json.loads((scored / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 1
+    assert "| 2 | 1 |" in (scored / "model_card.md").read_text()  # the per-hospital table
+
+
+def test_federated_evaluation_in_a_deployment(run_dir: Path, tmp_path: Path) -> None:
+    """``medbloom launch --score-model``: a SuperLink and a SuperNode per hospital, real
+    processes on 127.0.0.1; each hospital scores the model in its own process."""
+    out = tmp_path / "scored"
+    proc = subprocess.run(
+        [sys.executable, "-m", "medbloom", "launch", "--dataset", "brain-tumor-mri",
+         "--data-dir", str(run_dir.parent / "data"), "--num-clients", "2",
+         "--min-partition-size", "4", "--score-model", str(run_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out / "clients.csv")
+    assert sorted(r["client_id"] for r in rows) == ["0", "1"]
+    assert all(r["status"] == "ok" for r in rows)
+    cfg = ExperimentConfig.from_mapping(json.loads((out / "config.json").read_text())["config"])
+    by_hand = _scored_by_hand(run_dir, cfg)
+    for r in rows:
+        n, acc = by_hand[int(r["client_id"])]
+        assert (int(r["num_examples"]), float(r["site_accuracy"])) == (n, pytest.approx(acc))
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("case", ["not-a-run", "other-classes", "privacy"])
+def test_score_model_bad_input_is_one_line(run_dir: Path, tmp_path: Path, case: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import write_npz
+
+    write_npz(tmp_path / "d", "pneumoniamnist", 28)
+    args = {
+        "not-a-run": ["--score-model", str(tmp_path), "--dataset", "brain-tumor-mri",
+                      "--data-dir", str(run_dir.parent / "data")],
+        "other-classes": ["--score-model", str(run_dir), "--data-dir", str(tmp_path / "d")],
+        "privacy": ["--score-model", str(run_dir), "--privacy", "sample"],
+    }[case]  # fmt: skip
+    proc = medbloom("run", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    one_line_error(proc, {"not-a-run": "not a run directory", "other-classes":
+                          "not among the model's", "privacy": "trains nothing"}[case])  # fmt: skip
+    assert not (tmp_path / "o").exists()

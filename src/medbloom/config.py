@@ -176,6 +176,12 @@ class ExperimentConfig:
         "auto: bf16 on a GPU that supports it, fp32 on the CPU",
         PRECISIONS,
     )
+    score_model: str = _knob(
+        "",
+        "federated evaluation: the run directory of a trained model, whose best model every "
+        "hospital scores on all its own images; nothing is trained, and the model, its "
+        "settings and the image size come from that run",
+    )
     out: str = _knob("", "run directory; empty: runs/<time>-<dataset>-<strategy>")
 
     # ------------------------------------------------------------------ names
@@ -272,6 +278,11 @@ class ExperimentConfig:
                     f"--delta {self.delta:g} is out of range: expected a number below "
                     f"1/{self.num_clients} hospitals"
                 )
+        if self.score_model and self.privacy != "none":
+            raise ConfigError(
+                f"--score-model trains nothing, so --privacy {self.privacy} has nothing to "
+                "protect: use --privacy none"
+            )
         if self.privacy != "none" and self.batched == "on":
             raise ConfigError(
                 f"--privacy {self.privacy}: --batched on trains every hospital in one "

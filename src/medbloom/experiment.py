@@ -336,6 +336,8 @@ def prepare_run(
     unwritable output all fail here, before anything is written.
     """
     cfg.validate()
+    if cfg.score_model:
+        cfg = scoring_config(cfg)
     spec_of(cfg.dataset, cfg.size)
     model = initial_model(cfg, spec_of(cfg.dataset, cfg.size))
     if cfg.batched == "on":
@@ -375,6 +377,52 @@ def prepare_run(
         audit = load_audit(cfg.dataset, cfg.size, cfg.data_dir, cfg.dup_threshold)
         files["leakage.json"] = leakage_record(audit, len(splits.train), cfg)
     return create_run_dir(out, files)
+
+
+# the settings a federated evaluation (--score-model) takes from the run it scores: what
+# builds the model and what size its images are decoded at
+SCORED_SETTINGS = ("model", "pretrained", "freeze", "size")
+
+
+def scoring_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` for scoring ``cfg.score_model``'s model: its model settings and image
+    size, one round, the scored run's directory as an absolute path. A one-line error
+    when it is not a run with a best checkpoint, or its classes are not this data set's
+    (same names, same order: a class's index is its output unit)."""
+    from medbloom.trained import NotARun, class_mapping, run_spec
+
+    source = Path(cfg.score_model).expanduser().absolute()
+    src = load_run_config(source)
+    if not (source / "checkpoints" / "best.pt").is_file():
+        raise NotARun(f"--score-model {source}: no checkpoints/best.pt to score")
+    theirs = run_spec(source)
+    cfg = cfg.replace(
+        model=src.model,
+        pretrained=src.pretrained,
+        freeze=src.freeze,
+        size=theirs.image_size,
+        rounds=1,
+        score_model=str(source),
+    )
+    mine = spec_of(cfg.dataset, 0)  # its kind and classes; the size is checked after
+    if (mine.in_channels, mine.spatial_dims) != (theirs.in_channels, theirs.spatial_dims):
+        raise ConfigError(
+            f"--score-model {source}: its model takes {theirs.spatial_dims}D images with "
+            f"{theirs.in_channels} channel(s), and {cfg.dataset} has {mine.spatial_dims}D "
+            f"images with {mine.in_channels}"
+        )
+    try:
+        mapping = class_mapping(theirs.class_names, mine.class_names)
+    except ConfigError as exc:
+        raise ConfigError(f"--score-model {source}: {exc}") from None
+    if len(mine.class_names) != len(theirs.class_names) or list(mapping) != list(
+        range(len(mapping))
+    ):
+        raise ConfigError(
+            f"--score-model {source}: its classes ({', '.join(theirs.class_names)}) are not "
+            f"{cfg.dataset}'s ({', '.join(mine.class_names)}) in the same order"
+        )
+    return cfg
 
 
 def leakage_record(audit: Audit, n_train: int, cfg: ExperimentConfig) -> dict[str, Any]:

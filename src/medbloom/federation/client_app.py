@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -203,6 +204,32 @@ class Hospital:
         )
         return Message(content=content, reply_to=msg)
 
+    def score(self, msg: Message) -> Message:
+        """Federated evaluation (``--score-model``): the model received, on every image
+        this hospital holds (its training and local validation images); nothing is
+        trained and only the scores go back."""
+        started = time.perf_counter()
+        set_threads()
+        cfg, data = self.cfg, self.data
+        model = _model(cfg, data.spec)
+        layout = Layout.of(state_arrays(model))
+        load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
+        device = resolve_device(cfg.device)
+        amp = resolve_precision(cfg.precision, device)
+        x = torch.cat([data.train.x, data.val.x])
+        y = torch.cat([data.train.y, data.val.y])
+        labels = np.concatenate([data.train.labels, data.val.labels])
+        probs, loss = predict(model, x, y, data.spec.task, device=device, amp_dtype=amp)
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "site_accuracy": medmnist_acc(labels, probs, data.spec.task),
+            "site_auc": medmnist_auc(labels, probs, data.spec.task),
+            "site_loss": loss,
+            "num-examples": len(labels),
+            "partition-id": self.pid,
+            "seconds": time.perf_counter() - started,
+        }
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
     def _train_private(
         self, model: nn.Module, server_round: int, seed: int, device: torch.device
     ) -> tuple[TrainResult, dict[str, float]]:
@@ -267,6 +294,24 @@ def train_on_message(
     ).train(msg)
 
 
+def score_on_message(
+    msg: Message,
+    context: Context,
+    cfg: ExperimentConfig,
+    node_config: Mapping[str, Any] | None = None,
+    simulated: bool = False,
+) -> Message:
+    """Score the model received on this node's images (see :meth:`Hospital.score`),
+    with the model settings and image size the server sends (those of the run scored)."""
+    from medbloom.experiment import SCORED_SETTINGS
+
+    config = msg.content.config_records["config"]
+    cfg = cfg.replace(**{k: config[k] for k in SCORED_SETTINGS if k in config})
+    return Hospital(
+        cfg, context.node_config if node_config is None else node_config, simulated
+    ).score(msg)
+
+
 def make_client_app(
     cfg: ExperimentConfig | None = None, slot_order: Sequence[int] | None = None
 ) -> ClientApp:
@@ -296,6 +341,11 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
         return train_on_message(msg, context, run_cfg, node_config(context), cfg is not None)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config").validate()
+        return score_on_message(msg, context, run_cfg, node_config(context), cfg is not None)
 
     return app
 

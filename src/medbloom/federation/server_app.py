@@ -495,6 +495,8 @@ def run_federation(
     # Rounds are synchronous: while the server evaluates, every client waits for the
     # next round, so evaluation may use every core (clients train on one thread each).
     set_threads(usable_cpus())
+    if cfg.score_model:
+        return score_federation(grid, cfg, run_dir, on_round, stop)
     evaluator = Evaluator(cfg)
     clean = clean_test_split(run_dir, len(evaluator.test))
     evaluator.clean = clean[1] if clean else None
@@ -640,6 +642,143 @@ def run_federation(
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
+
+
+def score_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Federated evaluation (``--score-model``): every hospital scores the scored run's
+    best model on all its own images and replies with its scores only; nothing is
+    trained or aggregated. ``clients.csv`` is the per-hospital table (round 1), and
+    ``metrics.csv`` has the model on the server's test split (round 0) and, in round 1,
+    the same with the hospitals' worst, median and spread. Returns the last row."""
+    from medbloom.experiment import SCORED_SETTINGS, scoring_config
+    from medbloom.trained import load_trained
+
+    cfg = scoring_config(cfg)
+    evaluator = Evaluator(cfg)
+    clean = clean_test_split(run_dir, len(evaluator.test))
+    evaluator.clean = clean[1] if clean else None
+    handler = attach_log_file(run_dir / "logs" / "server.log")
+    recorder = RunRecorder(
+        run_dir,
+        cfg,
+        {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
+    )
+    status, error = "failed", None
+    live = LiveGrid(grid, set())
+    try:
+        trained = load_trained(Path(cfg.score_model), "best")
+        state = state_arrays(trained.model)
+        arrays = evaluator.layout.pack(state)
+        wait_for_nodes(live, cfg.num_clients, cfg.round_timeout, stop, "")
+        started = time.monotonic()
+        live.identify(cfg.round_timeout, stop)
+        row: dict[str, Any] = {"round": 0, **evaluator(state), "round_seconds": 0.0}
+        row["eval_seconds"] = row["elapsed_seconds"] = time.monotonic() - started
+        recorder.record_round(row, state, evaluator.last_report)
+        settings = {k: getattr(cfg, k) for k in SCORED_SETTINGS}
+        record = RecordDict(
+            {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **settings})}
+        )
+        messages = [
+            Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in live.get_node_ids()
+        ]
+        t0 = time.monotonic()
+        replies, missing = exchange(grid, messages, cfg.round_timeout, stop, *_reply_polls(grid))
+        rows = _score_rows(replies, missing, live.client_of)
+        recorder.record_clients(rows)
+        ok = sum(r["status"] == "ok" for r in rows)
+        if not ok:
+            raise RuntimeError(f"no hospital returned its scores ({len(rows)} asked)")
+        row = {
+            **row,
+            "round": 1,
+            **site_spread(rows),
+            "clients_ok": ok,
+            "clients_failed": len(rows) - ok,
+            "round_seconds": time.monotonic() - t0,
+            "elapsed_seconds": time.monotonic() - started,
+        }
+        recorder.record_round(row, state, evaluator.last_report)
+        if on_round is not None:
+            on_round({**row, "is_best": False, "best": recorder.best})
+        for r in rows:
+            log.info(
+                "hospital %s: %s%s",
+                r["client_id"],
+                r["status"],
+                f", {r['num_examples']} images, acc {r['site_accuracy']:.4f}"
+                if r["status"] == "ok"
+                else f": {r['error']}",
+            )
+        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+        status = "finished"
+        return row
+    except RunInterrupted as exc:
+        status, error = "interrupted", str(exc)
+        raise
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("federated evaluation failed: %s", error)
+        raise
+    finally:
+        try:
+            recorder.close(status, error)
+            write_model_card_quietly(run_dir)
+        finally:
+            detach_log_file(handler)
+
+
+def write_model_card_quietly(run_dir: Path) -> None:
+    from medbloom.model_card import write_model_card
+
+    try:
+        write_model_card(run_dir)
+    except Exception as exc:
+        log.warning("could not write the model card: %s", exc)
+
+
+def _score_rows(
+    replies: list[Message], missing: list[int], client_of: dict[int, int]
+) -> list[dict[str, Any]]:
+    """One clients.csv row per hospital asked: its scores, or why there are none."""
+    rows: list[dict[str, Any]] = []
+    for reply in _in_client_order(replies):
+        node = reply.metadata.src_node_id
+        base = {"round": 1, "client_id": client_of.get(node, ""), "node_id": node}
+        m = None if reply.has_error() else reply.content.metric_records.get("metrics")
+        if m is None:
+            reason = error_summary(reply.error.reason or "") if reply.has_error() else "no scores"
+            rows.append({**base, "status": "failed", "error": reason})
+            continue
+        rows.append(
+            {
+                **base,
+                "status": "ok",
+                "num_examples": int(_num(m["num-examples"])),
+                "site_accuracy": _num(m.get("site_accuracy", float("nan"))),
+                "site_auc": _num(m.get("site_auc", float("nan"))),
+                "site_loss": _num(m.get("site_loss", float("nan"))),
+                "seconds": _num(m.get("seconds", float("nan"))),
+            }
+        )
+    for node in missing:
+        rows.append(
+            {
+                "round": 1,
+                "client_id": client_of.get(node, ""),
+                "node_id": node,
+                "status": "timeout",
+                "error": "no reply within --round-timeout",
+            }
+        )
+    return rows
 
 
 def clean_test_split(run_dir: Path, n_test: int) -> tuple[dict[str, Any], np.ndarray] | None:
