@@ -263,6 +263,33 @@ def test_auto_is_the_data_set_s_default(dataset: str, expected: str) -> None:
     assert resolve_model("resnet18", dataset) == "resnet18"  # a named model is kept
 
 
+@pytest.mark.parametrize(
+    ("dataset", "size", "expected"),
+    [("adrenalmnist3d", 64, "resnet10"), ("adrenalmnist3d", 28, "cnn"), ("pathmnist", 64, "cnn")],
+)
+def test_auto_at_a_size(dataset: str, size: int, expected: str) -> None:
+    """3D volumes at 64 px get the compact ResNet; 28 px volumes and 2D sets keep the CNN."""
+    assert resolve_model("auto", dataset, size) == expected
+
+
+def test_the_3d_default_at_64_px_pools_after_its_strided_stem() -> None:
+    """The first stage of resnet10 works at 16^3 voxels for 64^3 volumes, at 14^3 for
+    the 28^3 ones only when asked (--model resnet10 at 28 px keeps its 14^3 stage)."""
+    volumes = DatasetSpec("adrenalmnist3d", "binary-class", ("a", "b"), 1, 3, 64)
+    model = build_model("auto", volumes)
+    assert isinstance(model, ResNet) and isinstance(model.maxpool, torch.nn.MaxPool3d)
+    seen: list[tuple[int, ...]] = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    assert model(torch.zeros(2, 1, 64, 64, 64)).shape == (2, 2)
+    assert seen == [(16, 16, 16)]
+    small = build_model(
+        "resnet10", DatasetSpec("organmnist3d", "multi-class", ("a", "b"), 1, 3, 28)
+    )
+    assert isinstance(small.maxpool, torch.nn.Identity)  # unchanged below 64 px
+    flat = build_model("resnet10", DatasetSpec("folder:/x", "multi-class", ("a", "b"), 1, 2, 64))
+    assert isinstance(flat.maxpool, torch.nn.Identity)  # 2D folder sets unchanged
+
+
 def test_build_auto_builds_the_default() -> None:
     folder = DatasetSpec("folder:/x", "multi-class", ("a", "b", "c"), 3, 2, 64)
     built = build_model("auto", folder)

@@ -93,7 +93,7 @@ class ExperimentConfig:
     model: str = _knob(
         "auto",
         "model name (see `medbloom models`); auto: the data set's default "
-        "(MedMNIST: cnn, folder sets: resnet10)",
+        "(MedMNIST: cnn, 3D MedMNIST at 64 px and folder sets: resnet10)",
     )
     pretrained: str = _knob(
         "none", "start from ImageNet weights (resnet18, resnet50, vgg16)", PRETRAINED

@@ -350,14 +350,15 @@ def prepare_run(
     if cfg.privacy == "sample":
         from medbloom.privacy import check_model
 
-        check_model(model, resolve_model(cfg.model, cfg.dataset))
+        size = resolve_size(cfg.dataset, cfg.size)
+        check_model(model, resolve_model(cfg.model, cfg.dataset, size))
     build_strategy(cfg)
     resolve_device(cfg.device)
     # config.json records what runs: the size, model, schedule and augmentation that 0 and
     # auto stand for
     cfg = cfg.replace(
         size=resolve_size(cfg.dataset, cfg.size),
-        model=resolve_model(cfg.model, cfg.dataset),
+        model=resolve_model(cfg.model, cfg.dataset, resolve_size(cfg.dataset, cfg.size)),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
     )

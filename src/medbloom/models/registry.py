@@ -73,8 +73,8 @@ MODELS: dict[str, ModelEntry] = {
         ),
         ModelEntry(
             "resnet10",
-            "compact ResNet for larger images: 3x3 stem with stride 2, one basic block a "
-            "stage (32-256 channels), GroupNorm; 3D for 3D sets",
+            "compact ResNet for larger images: 3x3 stem with stride 2 (3D at 64 px: and a "
+            "max-pool), one basic block a stage (32-256 channels), GroupNorm; 3D for 3D sets",
             lambda spec: ResNet(
                 10,
                 spec.in_channels,
@@ -83,6 +83,9 @@ MODELS: dict[str, ModelEntry] = {
                 norm_kind="group",
                 base_width=32,
                 stem_stride=2,
+                # volumes of 64^3 and more: a max-pool after the stem as well, so the first
+                # stage works at 16^3 (5x less time a batch than without; bench_3d.py)
+                stem_pool=spec.spatial_dims == 3 and spec.image_size >= 64,
             ),
         ),
         ModelEntry(
@@ -112,22 +115,28 @@ MODELS: dict[str, ModelEntry] = {
 AUTO = "auto"
 
 
-def default_model(dataset: str) -> str:
-    """The model ``--model auto`` stands for on ``dataset``.
+def default_model(dataset: str, size: int = 0) -> str:
+    """The model ``--model auto`` stands for on ``dataset`` at ``size`` px (0: its default).
 
-    MedMNIST sets (28 px by default) keep the small CNN, the fastest at that size. Folder
-    sets (64 px by default) get ``resnet10``: on Brain Tumor MRI it trains to a higher
-    accuracy in the same CPU time (0.896 against 0.649 in 15 minutes, 4 hospitals,
-    Dirichlet 0.5; benchmarks/README.md), and each round takes half as long.
+    2D MedMNIST sets (28 px by default) and 3D ones at 28 px keep the small CNN, the
+    fastest there. Folder sets (64 px by default) get ``resnet10``: on Brain Tumor MRI it
+    trains to a higher accuracy in the same CPU time (0.896 against 0.649 in 15 minutes,
+    4 hospitals, Dirichlet 0.5; benchmarks/README.md), and each round takes half as long.
+    3D sets at 64 px get ``resnet10`` too: the small CNN keeps 64^3 voxels through its
+    first stage and needs 26x more time a batch (bench_3d.py).
     """
-    from medbloom.data.medmnist import info
+    from medbloom.data.medmnist import info, is_3d
 
-    return "cnn" if dataset in info() else "resnet10"
+    if dataset not in info():
+        return "resnet10"
+    if is_3d(dataset) and size >= 64:
+        return "resnet10"
+    return "cnn"
 
 
-def resolve_model(name: str, dataset: str) -> str:
-    """``name``, or the data set's default model for ``auto``."""
-    return default_model(dataset) if name == AUTO else name
+def resolve_model(name: str, dataset: str, size: int = 0) -> str:
+    """``name``, or the data set's default model (at ``size`` px) for ``auto``."""
+    return default_model(dataset, size) if name == AUTO else name
 
 
 def build_model(
@@ -154,7 +163,7 @@ def build_model(
     and ResNets, ``classifier.6`` of VGG-16); frozen BatchNorm layers also stop
     updating their running statistics.
     """
-    name = resolve_model(name, spec.name)
+    name = resolve_model(name, spec.name, spec.image_size)
     if name not in MODELS:
         raise ConfigError(
             f"--model {name!r} is unknown: expected auto or one of {', '.join(MODELS)}"

@@ -84,6 +84,7 @@ class ResNet(Backbone):
         imagenet_input: bool = False,
         base_width: int = 64,
         stem_stride: int = 1,
+        stem_pool: bool = False,
     ) -> None:
         super().__init__()
         # ImageNet weights expect ImageNet-normalised pixels (see ImageNetInput).
@@ -105,7 +106,9 @@ class ResNet(Backbone):
         self.bn1 = norm(norm_kind, dims, w)
         self.relu = nn.ReLU(inplace=True)
         pool = nn.MaxPool3d if dims == 3 else nn.MaxPool2d
-        self.maxpool: nn.Module = nn.Identity() if small_input else pool(3, stride=2, padding=1)
+        self.maxpool: nn.Module = (
+            pool(3, stride=2, padding=1) if stem_pool or not small_input else nn.Identity()
+        )
         inp = w
         stages = []
         for i, n_blocks in enumerate(layers):
