@@ -536,6 +536,8 @@ def test_federated_evaluation_in_a_deployment(run_dir: Path, tmp_path: Path) -> 
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each hospital on all its own images (federated evaluation):" in proc.stdout
+    assert "hospital 0:" in proc.stdout and "hospital 1:" in proc.stdout
     rows = _rows(out / "clients.csv")
     assert sorted(r["client_id"] for r in rows) == ["0", "1"]
     assert all(r["status"] == "ok" for r in rows)

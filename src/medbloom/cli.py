@@ -188,7 +188,33 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         print(f"  {line}")
     for name, ref in (summary.get("benchmark") or {}).items():
         print(f"  published {name} (centralized): acc {ref['acc']:.3f} auc {ref['auc']:.3f}")
+    for line in scored_lines(run_dir):
+        print(f"  {line}")
     print(f"results in {run_dir}")
+
+
+def scored_lines(run_dir: Path) -> list[str]:
+    """A federated evaluation's (``--score-model``) per-hospital table, one line each."""
+    from medbloom.experiment import load_run_config
+    from medbloom.runs import read_metrics
+
+    try:
+        if not load_run_config(run_dir).score_model:
+            return []
+    except MedbloomError:
+        return []
+    lines = ["each hospital on all its own images (federated evaluation):"]
+    for r in read_metrics(run_dir, "clients.csv"):
+        if r.get("status") == "ok":
+            auc = r.get("site_auc")
+            lines.append(
+                f"  hospital {r['client_id']}: {r['num_examples']} images, acc "
+                f"{r['site_accuracy']:.4f}, auc "
+                + (f"{auc:.4f}" if isinstance(auc, float) else "n/a (one class only)")
+            )
+        else:
+            lines.append(f"  hospital {r['client_id']}: {r['status']}: {r.get('error')}")
+    return lines
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
