@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,3 +102,46 @@ def end_process_groups(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# Any download attempt goes to a closed local port and fails at once, whether or not this
+# machine is online: the missing-file case stays fast and deterministic.
+OFFLINE = {
+    k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+}
+
+
+def medbloom_in_process(
+    *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> subprocess.CompletedProcess[str]:
+    """``medbloom.cli.main`` in this process with the environment test_cli_errors'
+    ``medbloom`` runs it in: the same code path minus the 3 s interpreter start, for the many
+    bad-input cases (a few run as real processes too)."""
+    from medbloom.cli import main
+
+    monkeypatch.chdir(cwd)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("MEDBLOOM_DATA_DIR", str(cwd / "no-default-data-root"))
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+@pytest.fixture
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return medbloom_in_process(*args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
+
+    return run
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]

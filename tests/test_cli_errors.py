@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import OFFLINE, Cli, medbloom_in_process
 from medbloom.config import ExperimentConfig
 from medbloom.data import medmnist
 
@@ -20,11 +21,6 @@ _SCRIPT = Path(sys.executable).with_name("medbloom")
 COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "medbloom"]
 TIMEOUT = 120
 URL = medmnist.url_and_md5("pneumoniamnist", 28)[0]
-# Any download attempt goes to a closed local port and fails at once, whether or not this
-# machine is online: the missing-file case stays fast and deterministic.
-OFFLINE = {
-    k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
-}
 N_TRAIN = 200
 
 
@@ -55,42 +51,6 @@ def medbloom(*args: str, cwd: Path, timeout: float = TIMEOUT) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
-
-
-def medbloom_in_process(
-    *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> subprocess.CompletedProcess[str]:
-    """``medbloom.cli.main`` in this process with the same environment as
-    :func:`medbloom`: the same code path minus the 3 s interpreter start, for the many
-    bad-input cases (a few run as real processes too)."""
-    from medbloom.cli import main
-
-    monkeypatch.chdir(cwd)
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.setenv("MEDBLOOM_DATA_DIR", str(cwd / "no-default-data-root"))
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
-
-
-@pytest.fixture
-def run_cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Callable[..., subprocess.CompletedProcess[str]]:
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return medbloom_in_process(*args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
-
-    return run
-
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +292,7 @@ def test_models_lists_every_model(cwd: Path, run_cli: Cli) -> None:
     proc = run_cli("models", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert names == ["cnn", "resnet10", "resnet18", "resnet50", "vgg16"]
+    assert names == ["cnn", "cnn-narrow", "resnet10", "resnet18", "resnet50", "vgg16"]
 
 
 ALL_FLAGS = [

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import Cli
 from medbloom.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -29,7 +30,6 @@ from medbloom.calibration import (
 )
 from medbloom.config import ExperimentConfig
 from synthetic import write_npz
-from test_cli_errors import medbloom_in_process
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SIZE = 32
@@ -105,21 +105,6 @@ def medbloom(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT,
         check=False,
     )
-
-
-@pytest.fixture
-def cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``medbloom`` in this process (no interpreter start): for the bad-input cases."""
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return medbloom_in_process(*args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
-
-    return run
-
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *names: str) -> str:
@@ -222,16 +207,18 @@ def test_predict_uses_the_runs_own_preprocessing(run_dir: Path) -> None:
     assert mine == {img.tobytes() for img in splits.test.images}
 
 
-def test_predict_with_nothing_readable_is_one_line(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+def test_predict_with_nothing_readable_is_one_line(
+    run_cli: Cli, run_dir: Path, tmp_path: Path
+) -> None:
     (tmp_path / "bad.png").write_text("no image here")
-    proc = cli("predict", str(run_dir), str(tmp_path / "bad.png"), "--out",
+    proc = run_cli("predict", str(run_dir), str(tmp_path / "bad.png"), "--out",
                     str(tmp_path / "p.csv"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and "skipped" in proc.stderr
 
 
 @pytest.mark.parametrize("case", ["not-a-run", "no-checkpoints", "missing-path"])
 def test_bad_input_is_one_line_with_exit_2(
-    cli: Cli, run_dir: Path, tmp_path: Path, case: str
+    run_cli: Cli, run_dir: Path, tmp_path: Path, case: str
 ) -> None:
     target = run_dir
     paths = [str(run_dir.parent / "to-score")]
@@ -245,7 +232,7 @@ def test_bad_input_is_one_line_with_exit_2(
     for command in (["predict", str(target), *paths], ["export", str(target)]):
         if case == "missing-path" and command[0] == "export":
             continue
-        proc = cli(*command, "--out", str(tmp_path / "o"), cwd=tmp_path)
+        proc = run_cli(*command, "--out", str(tmp_path / "o"), cwd=tmp_path)
         expected = {
             "not-a-run": "not a run directory",
             "no-checkpoints": "no checkpoints/best.pt",
@@ -309,11 +296,11 @@ def test_predict_with_the_onnx_file_gives_the_same_classes(
             assert float(x[f"p_{c}"]) == pytest.approx(float(y[f"p_{c}"]), abs=1e-4)
 
 
-def test_torchscript_export_round_trips(cli: Cli, run_dir: Path, images: Path) -> None:
+def test_torchscript_export_round_trips(run_cli: Cli, run_dir: Path, images: Path) -> None:
     from medbloom.trained import image_files, load_trained, preprocess
 
     out = run_dir.parent / "ts" / "model.pt"
-    proc = cli("export", str(run_dir), "--format", "torchscript", "--out", str(out),
+    proc = run_cli("export", str(run_dir), "--format", "torchscript", "--out", str(out),
                     cwd=run_dir.parent)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     trained = load_trained(run_dir)
@@ -329,11 +316,11 @@ def test_torchscript_export_round_trips(cli: Cli, run_dir: Path, images: Path) -
 
 
 def test_evaluate_on_a_folder_whose_class_names_are_spelt_otherwise(
-    cli: Cli, run_dir: Path, tmp_path: Path
+    run_cli: Cli, run_dir: Path, tmp_path: Path
 ) -> None:
     other = write_brain_set(tmp_path / "other", (3, 4), ("Glioma", "MENINGIOMA", "no-tumor",
                                                          "Pituitary"))  # fmt: skip
-    proc = cli("evaluate", str(run_dir), "--dataset", f"folder:{other}", "--split", "all",
+    proc = run_cli("evaluate", str(run_dir), "--dataset", f"folder:{other}", "--split", "all",
                     "--out", str(tmp_path / "e.json"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "e.json").read_text())
@@ -356,19 +343,19 @@ def test_evaluate_on_a_folder_whose_class_names_are_spelt_otherwise(
 
 
 def test_evaluate_on_classes_the_model_does_not_know_is_one_line(
-    cli: Cli, run_dir: Path, tmp_path: Path
+    run_cli: Cli, run_dir: Path, tmp_path: Path
 ) -> None:
     other = write_brain_set(tmp_path / "pets", (2, 2), ("cat", "dog", "glioma", "notumor"))
-    proc = cli("evaluate", str(run_dir), "--dataset", f"folder:{other}", cwd=tmp_path)
+    proc = run_cli("evaluate", str(run_dir), "--dataset", f"folder:{other}", cwd=tmp_path)
     one_line_error(proc, "cat, dog", "not among the model's")
 
 
 def test_evaluate_on_images_of_the_wrong_kind_is_one_line(
-    cli: Cli, run_dir: Path, tmp_path: Path
+    run_cli: Cli, run_dir: Path, tmp_path: Path
 ) -> None:
     """A 3D MedMNIST set for a 2D model."""
     write_npz(tmp_path, "nodulemnist3d", 28)
-    proc = cli("evaluate", str(run_dir), "--dataset", "nodulemnist3d", "--data-dir",
+    proc = run_cli("evaluate", str(run_dir), "--dataset", "nodulemnist3d", "--data-dir",
                     str(tmp_path), cwd=tmp_path)  # fmt: skip
     one_line_error(proc, "3D", "2D")
 
@@ -403,7 +390,7 @@ def planted(run_dir: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "export", "resume"])
 def test_a_planted_pickle_is_refused_by_every_command(
-    cli: Cli, planted: tuple[Path, Path], images: Path, tmp_path: Path, command: str
+    run_cli: Cli, planted: tuple[Path, Path], images: Path, tmp_path: Path, command: str
 ) -> None:
     run, marker = planted
     args = {
@@ -417,7 +404,7 @@ def test_a_planted_pickle_is_refused_by_every_command(
         summary["status"] = "interrupted"
         (run / "summary.json").write_text(json.dumps(summary))
     # --resume as a real process: a refusal that failed would start Ray here
-    proc = (medbloom if command == "resume" else cli)(*args, cwd=tmp_path)
+    proc = (medbloom if command == "resume" else run_cli)(*args, cwd=tmp_path)
     one_line_error(proc, "could run code", "refused")
     assert not marker.exists()
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.onnx").exists()
@@ -449,11 +436,11 @@ def test_every_run_writes_a_model_card_true_to_its_records(run_dir: Path) -> Non
         assert f"\n| {cid} | 2 |" in card
 
 
-def test_report_rewrites_the_model_card(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+def test_report_rewrites_the_model_card(run_cli: Cli, run_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "model_card.md").unlink()
-    proc = cli("report", str(copy), cwd=tmp_path)
+    proc = run_cli("report", str(copy), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     t = json.loads((copy / "summary.json").read_text())["calibration"]["best"]["temperature"]
     assert f"at temperature {t:.3f} (fitted on validation" in proc.stdout
@@ -551,7 +538,7 @@ def test_federated_evaluation_in_a_deployment(run_dir: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("case", ["not-a-run", "other-classes", "privacy"])
 def test_score_model_bad_input_is_one_line(
-    cli: Cli, run_dir: Path, tmp_path: Path, case: str
+    run_cli: Cli, run_dir: Path, tmp_path: Path, case: str
 ) -> None:
     write_npz(tmp_path / "d", "pneumoniamnist", 28)
     args = {
@@ -560,7 +547,7 @@ def test_score_model_bad_input_is_one_line(
         "other-classes": ["--score-model", str(run_dir), "--data-dir", str(tmp_path / "d")],
         "privacy": ["--score-model", str(run_dir), "--privacy", "sample"],
     }[case]  # fmt: skip
-    proc = cli("run", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    proc = run_cli("run", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     one_line_error(proc, {"not-a-run": "not a run directory", "other-classes":
                           "not among the model's", "privacy": "trains nothing"}[case])  # fmt: skip
     assert not (tmp_path / "o").exists()

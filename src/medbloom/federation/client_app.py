@@ -289,9 +289,16 @@ def train_on_message(
 
     ``node_config`` replaces the context's (see ``slot_order`` of :func:`make_client_app`).
     """
-    return Hospital(
-        cfg, context.node_config if node_config is None else node_config, simulated
-    ).train(msg)
+    return _hospital(cfg, context, node_config, simulated).train(msg)
+
+
+def _hospital(
+    cfg: ExperimentConfig,
+    context: Context,
+    node_config: Mapping[str, Any] | None,
+    simulated: bool,
+) -> Hospital:
+    return Hospital(cfg, context.node_config if node_config is None else node_config, simulated)
 
 
 def score_on_message(
@@ -307,9 +314,7 @@ def score_on_message(
 
     config = msg.content.config_records["config"]
     cfg = cfg.replace(**{k: config[k] for k in SCORED_SETTINGS if k in config})
-    return Hospital(
-        cfg, context.node_config if node_config is None else node_config, simulated
-    ).score(msg)
+    return _hospital(cfg, context, node_config, simulated).score(msg)
 
 
 def make_client_app(
