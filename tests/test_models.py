@@ -91,7 +91,7 @@ def _build(name: str, spec: DatasetSpec, seed: int) -> nn.Module:
 
 
 def test_registry_holds_the_documented_models() -> None:
-    assert set(MODELS) == {"cnn", "cnn-narrow", "resnet10", "resnet18", "resnet50", "vgg16"}
+    assert set(MODELS) == {"cnn", "resnet10", "resnet18", "resnet50", "vgg16"}
     for name, entry in MODELS.items():
         assert entry.name == name
         assert entry.description

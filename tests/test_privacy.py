@@ -124,7 +124,7 @@ def test_batchnorm_models_are_refused_with_the_ones_that_work() -> None:
     from medbloom.models import build_model
 
     spec = spec_of("pneumoniamnist", 28)
-    with pytest.raises(ConfigError, match="use a GroupNorm model: cnn, cnn-narrow, resnet10"):
+    with pytest.raises(ConfigError, match="use a GroupNorm model: cnn, resnet10"):
         check_model(build_model("resnet18", spec, load_weights=False), "resnet18")
     check_model(build_model("cnn", spec, load_weights=False), "cnn")
 

@@ -72,14 +72,6 @@ MODELS: dict[str, ModelEntry] = {
             lambda spec: SmallCNN(spec.in_channels, num_outputs(spec), dims=spec.spatial_dims),
         ),
         ModelEntry(
-            "cnn-narrow",
-            "the small CNN at half width (16 and 32 channels, a quarter of the parameters): "
-            "with DP-SGD each step's noise grows with the parameter count",
-            lambda spec: SmallCNN(
-                spec.in_channels, num_outputs(spec), dims=spec.spatial_dims, width=16
-            ),
-        ),
-        ModelEntry(
             "resnet10",
             "compact ResNet for larger images: 3x3 stem with stride 2 (3D at 64 px: and a "
             "max-pool), one basic block a stage (32-256 channels), GroupNorm; 3D for 3D sets",
