@@ -39,8 +39,8 @@ def main() -> None:
         "task": spec.task,
         "epochs": cfg.local_epochs,
         "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "optimizer": cfg.optimizer,
+        "lr": cfg.learning_rate(),
+        "optimizer": cfg.optimizer_name(),
         "weight_decay": cfg.weight_decay,
     }
     clients = [(d.train.x, d.train.y, d.weights) for d in data]

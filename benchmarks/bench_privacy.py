@@ -55,7 +55,7 @@ def main() -> None:
             train_private(
                 m, data.train.x, data.train.y, plan=plan,
                 criterion=loss_function(data.spec.task, data.weights),
-                make_optimizer=lambda mod: make_optimizer(mod, "adam", cfg.lr),
+                make_optimizer=lambda mod: make_optimizer(mod, "adam", cfg.learning_rate()),
                 epochs=1, batch_size=cfg.batch_size, seed=rep, noise_seed=rep + 1,
                 device=torch.device("cpu"), augment=None,
                 correct=functools.partial(count_correct, task=data.spec.task),

@@ -75,7 +75,7 @@ def test_choices_are_declared() -> None:
     assert choices["partition"] == PARTITIONS == ("iid", "dirichlet", "pathological")
     assert choices["strategy"] == STRATEGIES
     assert "fedavg" in STRATEGIES and "fedprox" in STRATEGIES
-    assert choices["optimizer"] == OPTIMIZERS == ("adam", "sgd")
+    assert choices["optimizer"] == ("auto", *OPTIMIZERS) and OPTIMIZERS == ("adam", "sgd")
     assert choices["device"] == DEVICES == ("auto", "cpu", "cuda")
     assert choices["class_weighting"] == CLASS_WEIGHTINGS
 
@@ -178,7 +178,7 @@ def test_defaults_validate() -> None:
         ("min_partition_size", 0),
         ("local_epochs", 0),
         ("batch_size", 0),
-        ("lr", 0.0),
+        ("lr", -0.001),
         ("lr", float("nan")),
         ("weight_decay", -1e-4),
         ("proximal_mu", -0.01),
@@ -397,3 +397,21 @@ def test_auto_augmentation_is_the_data_set_s() -> None:
 def test_unknown_schedule_is_refused() -> None:
     with pytest.raises(ConfigError, match="--lr-schedule 'step' is unknown"):
         ExperimentConfig(lr_schedule="step").validate()
+
+
+def test_auto_optimizer_and_learning_rate_follow_the_privacy_mode() -> None:
+    """Adam at 0.001 by default; under DP-SGD, SGD at 0.02, which measured best there
+    (benchmarks/README.md); a value given is kept."""
+    plain = ExperimentConfig()
+    assert (plain.optimizer, plain.lr) == ("auto", 0.0)
+    assert (plain.optimizer_name(), plain.learning_rate()) == ("adam", 0.001)
+    private = ExperimentConfig(privacy="sample")
+    assert (private.optimizer_name(), private.learning_rate()) == ("sgd", 0.02)
+    assert private.round_lr(3) == 0.02
+    hospital = ExperimentConfig(privacy="hospital")
+    assert (hospital.optimizer_name(), hospital.learning_rate()) == ("adam", 0.001)
+    chosen = ExperimentConfig(privacy="sample", optimizer="adam", lr=0.003)
+    assert (chosen.optimizer_name(), chosen.learning_rate()) == ("adam", 0.003)
+    assert ExperimentConfig(privacy="sample", optimizer="adam").learning_rate() == 0.001
+    with pytest.raises(ConfigError, match="--lr"):
+        ExperimentConfig(lr=-0.1).validate()

@@ -361,6 +361,8 @@ def prepare_run(
         model=resolve_model(cfg.model, cfg.dataset, resolve_size(cfg.dataset, cfg.size)),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
+        optimizer=cfg.optimizer_name(),
+        lr=cfg.learning_rate(),
     )
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, runs_root)
     out = out.expanduser().absolute()

@@ -46,7 +46,7 @@ def train_round_batched(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.round_lr(server_round),
-        optimizer=cfg.optimizer,
+        optimizer=cfg.optimizer_name(),
         weight_decay=cfg.weight_decay,
         proximal_mu=mu,
         seeds=[client_seed(cfg.seed, server_round, pid) for pid in pids],

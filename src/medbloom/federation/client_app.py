@@ -169,7 +169,7 @@ class Hospital:
                 task=data.spec.task,
                 epochs=cfg.local_epochs,
                 batch_size=cfg.batch_size,
-                optimizer=cfg.optimizer,
+                optimizer=cfg.optimizer_name(),
                 lr=cfg.round_lr(server_round),
                 weight_decay=cfg.weight_decay,
                 weights=data.weights,
@@ -257,7 +257,7 @@ class Hospital:
             plan=plan,
             criterion=loss_function(data.spec.task, data.weights),
             make_optimizer=lambda m: make_optimizer(
-                m, cfg.optimizer, cfg.round_lr(server_round), cfg.weight_decay
+                m, cfg.optimizer_name(), cfg.round_lr(server_round), cfg.weight_decay
             ),
             epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,

@@ -55,7 +55,7 @@ def _flower_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
         # Adaptive server optimizers (Reddi et al., 2021) need a small server step
         # and a tau well above Flower's 1e-9 to stay stable on small models.
         cls = fl.FedAdam if name == "fedadam" else fl.FedYogi
-        return cls(eta=cfg.server_lr or 0.01, eta_l=cfg.lr, tau=1e-3, **common)
+        return cls(eta=cfg.server_lr or 0.01, eta_l=cfg.learning_rate(), tau=1e-3, **common)
     if name == "fedavgm":
         return fl.FedAvgM(
             server_learning_rate=cfg.server_lr or 1.0,
