@@ -318,7 +318,7 @@ def test_torchscript_export_round_trips(run_cli: Cli, run_dir: Path, images: Pat
 def test_evaluate_on_a_folder_whose_class_names_are_spelt_otherwise(
     run_cli: Cli, run_dir: Path, tmp_path: Path
 ) -> None:
-    other = write_brain_set(tmp_path / "other", (3, 4), ("Glioma", "MENINGIOMA", "no-tumor",
+    other = write_brain_set(tmp_path / "other", (3, 4), ("glioma_tumor", "MENINGIOMA", "No Tumour",
                                                          "Pituitary"))  # fmt: skip
     proc = run_cli("evaluate", str(run_dir), "--dataset", f"folder:{other}", "--split", "all",
                     "--out", str(tmp_path / "e.json"), cwd=tmp_path)  # fmt: skip
@@ -335,7 +335,7 @@ def test_evaluate_on_a_folder_whose_class_names_are_spelt_otherwise(
     trained = load_trained(run_dir)
     files = sorted(other.rglob("*.png"))
     names = [f.parent.name for f in files]
-    order = {"Glioma": 0, "MENINGIOMA": 1, "no-tumor": 2, "Pituitary": 3}
+    order = {"glioma_tumor": 0, "MENINGIOMA": 1, "No Tumour": 2, "Pituitary": 3}
     x = torch.from_numpy(np.stack([preprocess(trained, f) for f in files])).float() / 127.5 - 1
     pred = trained.probabilities(x).argmax(1)
     acc = float(np.mean(pred == np.array([order[n] for n in names])))

@@ -365,17 +365,29 @@ def _norm_name(name: str) -> str:
 
 def class_mapping(run_classes: Sequence[str], data_classes: Sequence[str]) -> np.ndarray:
     """For each of the data set's classes, the run's class of the same name (compared
-    as loading compares folder names: case, spaces, ``_`` and ``-`` ignored); a
-    one-line error names the classes that have no counterpart."""
+    ignoring case, spaces, ``_`` and ``-``; for a Brain Tumor MRI model, also under the
+    other names its distributions use, as loading reads them: ``glioma_tumor``,
+    ``No Tumour``); a one-line error names the classes that have no counterpart."""
+    from medbloom.data.registry import BRAIN_TUMOR_CLASSES, brain_tumor_class
+
     index = {_norm_name(c): i for i, c in enumerate(run_classes)}
-    missing = [c for c in data_classes if _norm_name(c) not in index]
+    brain = tuple(run_classes) == BRAIN_TUMOR_CLASSES
+
+    def find(name: str) -> int | None:
+        if _norm_name(name) in index:
+            return index[_norm_name(name)]
+        alias = brain_tumor_class(name) if brain else None
+        return index[alias] if alias is not None else None
+
+    found = {c: find(c) for c in data_classes}
+    missing = [c for c, i in found.items() if i is None]
     if missing:
         raise ConfigError(
             f"the data set's classes {', '.join(missing)} are not among the model's "
             f"({', '.join(run_classes)}): rename the class folders, or score a model "
             "trained on these classes"
         )
-    return np.array([index[_norm_name(c)] for c in data_classes], dtype=np.int64)
+    return np.array([found[c] for c in data_classes], dtype=np.int64)
 
 
 def evaluate_on(
