@@ -718,7 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
 
-    which_help = "best (highest validation AUC, the default) or final"
+    def model_args(command: argparse.ArgumentParser) -> None:
+        """RUN_DIR and --which: the run, and which of its models."""
+        command.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+        command.add_argument(
+            "--which",
+            default="best",
+            choices=("best", "final"),
+            help="best (highest validation AUC, the default) or final",
+        )
+
     predict = sub.add_parser(
         "predict",
         help="score image files with a run's model; a CSV of classes and probabilities",
@@ -727,9 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
         "path, predicted class, the calibrated probability of every class. Unreadable "
         "files are listed and skipped.",
     )
-    predict.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    model_args(predict)
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    predict.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
     predict.add_argument("--out", metavar="CSV", help="default: RUN_DIR/predictions.csv")
     predict.add_argument(
         "--onnx", metavar="FILE", help="score with this exported ONNX model (ONNX Runtime)"
@@ -740,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a run's model as ONNX or TorchScript, with a JSON of what it expects",
     )
-    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    model_args(export)
     export.add_argument(
         "--format",
         default="onnx",
@@ -748,7 +756,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx (data, for ONNX Runtime; the default) or torchscript (a program "
         "torch.jit.load runs: share only with those who trust you)",
     )
-    export.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
     export.add_argument(
         "--out", metavar="FILE", help="default: RUN_DIR/export/model.onnx (or model.pt)"
     )
@@ -762,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap intervals and calibration error; nothing is trained. Writes "
         "RUN_DIR/evaluations/<dataset>-<split>.json.",
     )
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    model_args(evaluate)
     evaluate.add_argument("--dataset", required=True, help="data set name or folder:PATH")
     evaluate.add_argument("--data-dir", default="", help="data root (as for run)")
     evaluate.add_argument(
@@ -771,7 +778,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("test", "val", "train", "all"),
         help="which split to score (default test; all: every image, for a set the model never saw)",
     )
-    evaluate.add_argument("--which", default="best", choices=("best", "final"), help=which_help)
     evaluate.add_argument("--out", metavar="JSON", help="where to write the result")
     evaluate.set_defaults(func=cmd_evaluate)
 
