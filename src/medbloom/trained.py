@@ -346,7 +346,12 @@ def export_model(trained: TrainedModel, fmt: str, out: Path) -> tuple[Path, Path
                 dynamo=False,
             )
     else:
-        with torch.no_grad():
+        import warnings
+
+        # torch 2.13 marks torch.jit deprecated (ONNX is the format to share); the
+        # tracer's notes about GroupNorm's batch-size check do not apply to images
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
             traced = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
         traced.save(str(out))
     sidecar = out.with_suffix(out.suffix + ".json")
