@@ -471,7 +471,7 @@ def _scored_by_hand(run_dir: Path, cfg: ExperimentConfig) -> dict[int, tuple[int
 
 
 def test_federated_evaluation_scores_the_model_at_every_hospital_and_trains_nothing(
-    run_dir: Path, tmp_path: Path
+    run_cli: Cli, run_dir: Path, tmp_path: Path
 ) -> None:
     from medbloom.experiment import load_run_config, prepare_run
     from medbloom.federation.simulation import run_simulation
@@ -510,6 +510,9 @@ def test_federated_evaluation_scores_the_model_at_every_hospital_and_trains_noth
     summary = json.loads((scored / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
     assert "| 2 | 1 |" in (scored / "model_card.md").read_text()  # the per-hospital table
+    summary["status"] = "interrupted"
+    (scored / "summary.json").write_text(json.dumps(summary))
+    one_line_error(run_cli("run", "--resume", str(scored), cwd=tmp_path), "nothing to resume")
 
 
 def test_federated_evaluation_in_a_deployment(run_dir: Path, tmp_path: Path) -> None:

@@ -143,8 +143,14 @@ def resumable_run(args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
         raise MedbloomError(f"--resume {run_dir}: this run has already finished")
     from medbloom.runs import load_resume_checkpoint
 
+    cfg = load_run_config(run_dir)
+    if cfg.score_model:
+        raise MedbloomError(
+            f"--resume {run_dir}: a federated evaluation (--score-model) has one round and "
+            "nothing to resume; run it again with a new --out"
+        )
     load_resume_checkpoint(run_dir)  # a broken checkpoint fails here, before anything starts
-    return run_dir, load_run_config(run_dir)
+    return run_dir, cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
