@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Cli
+from conftest import SHARED_DATA, Cli
 from medbloom.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -254,7 +254,7 @@ def onnx_file(run_dir: Path) -> Path:
 
 
 def test_onnx_export_matches_pytorch_and_says_what_it_expects(
-    run_dir: Path, images: Path, onnx_file: Path, shared_data_root: Path
+    run_dir: Path, images: Path, onnx_file: Path
 ) -> None:
     import onnxruntime as ort
 
@@ -269,7 +269,7 @@ def test_onnx_export_matches_pytorch_and_says_what_it_expects(
     assert meta["temperature"] == pytest.approx(trained.temperature)
     assert meta["run_dir"] == str(run_dir.resolve())
     files = [f for f in image_files([images]) if f.name != "broken.png"]
-    real = shared_data_root / "brain-tumor-mri" / "Testing"
+    real = SHARED_DATA / "brain-tumor-mri" / "Testing"
     if real.is_dir():  # real MRI slices too, when the shared data is here
         files += sorted(real.rglob("*.jpg"))[::60][:24]
     x = torch.from_numpy(np.stack([preprocess(trained, f) for f in files])).float() / 127.5 - 1
