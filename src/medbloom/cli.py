@@ -80,14 +80,28 @@ class Progress:
             per_round = row["elapsed_seconds"] / r
             left = f"  {per_round:5.1f} s/round  ~{_duration(per_round * (self.rounds - r))} left"
         best = row.get("best") or {}
+        if _finite(row.get("accuracy")) or not r:
+            scores = (
+                f"acc {row['accuracy']:.4f}  auc {row['auc']:.4f}  val auc {row['val_auc']:.4f}"
+            )
+        else:
+            scores = "no global model"
+        if _finite(row.get("personal_mean_accuracy")):
+            scores += (
+                f"  site acc {row['personal_mean_accuracy']:.4f}"
+                f" (worst {row['personal_worst_accuracy']:.4f})"
+            )
         print(
-            f"round {r:>3}/{self.rounds}  acc {row['accuracy']:.4f}  auc {row['auc']:.4f}"
-            f"  val auc {row['val_auc']:.4f}"
+            f"round {r:>3}/{self.rounds}  {scores}"
             + (f"  best val auc {best['val_auc']:.4f} (round {best['round']})" if best else "")
             + f"  [{_duration(elapsed)}]{left}",
             file=self.stream,
             flush=True,
         )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _duration(seconds: float) -> str:
@@ -223,6 +237,28 @@ def scored_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+def site_lines(row: dict[str, Any]) -> list[str]:
+    """The hospitals' own scores in a metrics row: the model each hospital uses (its
+    personal model, or the global one) on its own validation split."""
+    from medbloom.federation.server_app import MIN_SITE_IMAGES
+
+    if not _finite(row.get("personal_mean_accuracy")):
+        return []
+    small = row.get("small_sites")
+    return [
+        f"hospitals, each on its own validation split (round {row.get('round')}): acc mean "
+        f"{row['personal_mean_accuracy']:.4f}, median {row['personal_median_accuracy']:.4f}, "
+        f"worst {row['personal_worst_accuracy']:.4f}; balanced acc mean "
+        f"{row['personal_mean_balanced_accuracy']:.4f}, worst "
+        f"{row['personal_worst_balanced_accuracy']:.4f}"
+        + (
+            f"; {int(small)} hospital(s) with under {MIN_SITE_IMAGES} validation images left out"
+            if _finite(small) and small
+            else ""
+        )
+    ]
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The final and best models' test scores, with their 95% bootstrap intervals
     where summary.json has them, one line each."""
@@ -241,9 +277,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             parts.append(text)
         return ", ".join(parts)
 
+    from medbloom.config import NO_GLOBAL_MODEL
+
+    if summary.get("strategy") in NO_GLOBAL_MODEL:
+        lines.append(
+            f"no global model: with --strategy {summary['strategy']} each hospital's model is "
+            "(in part) its own, so the server's test split scores none"
+        )
+    lines.extend(site_lines(summary.get("final") or {}))
     for key, label in (("final", "final"), ("best", "best by val auc")):
         row = summary.get(key) or {}
-        if not row:
+        if not row or not _finite(row.get("accuracy")):
             continue
         lines.append(
             f"{label} (round {row.get('round')}): test " + scores(row, "", intervals.get(key) or {})
@@ -412,6 +456,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         run_dir, cfg = resumable_run(args)
     else:
         cfg = config_from_args(args)
+        if cfg.strategy == "pooled":
+            raise ConfigError(
+                "--strategy pooled trains one model on every hospital's images in one "
+                "place: a baseline for medbloom run, not a deployment"
+            )
         if cfg.batched == "on":
             raise ConfigError(
                 "--batched on trains every client in the server process, but under "

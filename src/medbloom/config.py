@@ -28,7 +28,20 @@ STRATEGIES = (
     "fedmedian",
     "fedtrimmedavg",
     "krum",
+    # baselines and personalised federated learning (docs/personalisation.md)
+    "local",
+    "pooled",
+    "fedper",
+    "ditto",
+    "fedbn",
+    "fedavg-ft",
 )
+# strategies whose hospitals keep a model of their own (personal parameters, at the
+# hospital only); the rest share one global model
+PERSONAL = ("local", "fedper", "ditto", "fedbn", "fedavg-ft")
+# strategies without one global model for the server's test split to score: each
+# hospital's model is (in part) its own
+NO_GLOBAL_MODEL = ("local", "fedper", "fedbn")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTINGS = ("balanced", "none")
@@ -112,7 +125,18 @@ class ExperimentConfig:
         "models without BatchNorm or dropout, no augmentation (--augment auto gives none)",
         BATCHED,
     )
-    strategy: str = _knob("fedavg", "Flower strategy", STRATEGIES)
+    strategy: str = _knob(
+        "fedavg",
+        "how hospitals learn together: a Flower strategy (fedavg ... krum); the baselines "
+        "local (each hospital trains alone, nothing aggregated) and pooled (one model "
+        "trained on every hospital's images in one place, simulation only); or a "
+        "personalised method on FedAvg: fedper (the classifier head stays at each "
+        "hospital), ditto (a personal model pulled towards the global one by "
+        "--ditto-lambda), fedbn (BatchNorm layers stay at each hospital; models with "
+        "BatchNorm), fedavg-ft (the global model fine-tuned at each hospital for "
+        "--finetune-epochs before it is scored there)",
+        STRATEGIES,
+    )
     local_epochs: int = _knob(1, "local epochs per round on each client")
     batch_size: int = _knob(32, "local training batch size")
     lr: float = _knob(
@@ -167,6 +191,12 @@ class ExperimentConfig:
     )
     fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
     proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
+    ditto_lambda: float = _knob(
+        0.1, "Ditto: weight of the pull of each personal model towards the global one"
+    )
+    finetune_epochs: int = _knob(
+        1, "fedavg-ft: local epochs of fine-tuning of the global model at each hospital"
+    )
     server_lr: float = _knob(
         0.0, "server learning rate; 0: the strategy's default (fedadam/fedyogi 0.01, fedavgm 1.0)"
     )
@@ -245,6 +275,8 @@ class ExperimentConfig:
                 "a fraction in (0, 1]",
             ),
             (_finite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", ">= 0"),
+            (_finite(self.ditto_lambda) and self.ditto_lambda >= 0, "ditto_lambda", ">= 0"),
+            (self.finetune_epochs >= 1, "finetune_epochs", "an integer >= 1"),
             (_finite(self.server_lr) and self.server_lr >= 0, "server_lr", "a number >= 0"),
             (
                 _finite(self.server_momentum) and 0 <= self.server_momentum < 1,
@@ -286,6 +318,16 @@ class ExperimentConfig:
                     f"--delta {self.delta:g} is out of range: expected a number below "
                     f"1/{self.num_clients} hospitals"
                 )
+        if self.strategy in (*PERSONAL, "pooled"):
+            for bad, why in (
+                (self.privacy != "none", f"--privacy {self.privacy}"),
+                (self.batched == "on", "--batched on"),
+            ):
+                if bad:
+                    raise ConfigError(
+                        f"--strategy {self.strategy} cannot be combined with {why} yet: "
+                        "use a shared-model strategy (fedavg, fedprox...) for it"
+                    )
         if self.score_model and self.privacy != "none":
             raise ConfigError(
                 f"--score-model trains nothing, so --privacy {self.privacy} has nothing to "

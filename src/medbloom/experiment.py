@@ -31,7 +31,13 @@ from medbloom.federation.strategies import build_strategy
 from medbloom.models import build_model, resolve_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
 from medbloom.system import longest_first
-from medbloom.training import class_weights, labels_tensor, resolve_device, to_tensor
+from medbloom.training import (
+    class_weights,
+    labels_tensor,
+    resolve_device,
+    state_arrays,
+    to_tensor,
+)
 
 log = logging.getLogger("medbloom")
 
@@ -352,6 +358,10 @@ def prepare_run(
         from medbloom.privacy import check_model
 
         check_model(model, resolve_model(cfg.model, cfg.dataset, size))
+    if cfg.strategy in ("fedper", "fedbn"):
+        from medbloom.personal import private_keys
+
+        private_keys(cfg.strategy, model, list(state_arrays(model)))
     build_strategy(cfg)
     resolve_device(cfg.device)
     # config.json records what runs: the size, model, schedule and augmentation that 0 and

@@ -54,6 +54,12 @@ METRICS_COLUMNS = (
     "worst_site_accuracy",
     "median_site_accuracy",
     "site_accuracy_spread",
+    "personal_mean_accuracy",
+    "personal_median_accuracy",
+    "personal_worst_accuracy",
+    "personal_mean_balanced_accuracy",
+    "personal_worst_balanced_accuracy",
+    "small_sites",
     "epsilon",
     "clients_ok",
     "clients_failed",
@@ -70,6 +76,12 @@ CLIENT_COLUMNS = (
     "site_accuracy",
     "site_auc",
     "site_loss",
+    "site_balanced_accuracy",
+    "personal_accuracy",
+    "personal_auc",
+    "personal_balanced_accuracy",
+    "personal_loss",
+    "val_size",
     "train_loss",
     "train_accuracy",
     "lr",
@@ -450,13 +462,14 @@ class UnsafeCheckpoint(MedbloomError):
     code, so it is refused."""
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "round")) -> dict[str, Any]:
     """A checkpoint (``latest.pt``, ``best.pt``) read with ``weights_only=True``:
     tensors, numbers, strings, lists and dicts, never a pickled object, so a planted
     file cannot run code. A one-line :class:`MedbloomError` names what is wrong:
     missing, unreadable (truncated, garbage), or holding other objects
     (:class:`UnsafeCheckpoint`, also for checkpoints of earlier medbloom versions,
-    which pickled the strategy)."""
+    which pickled the strategy). ``keys``: what the file must hold (a hospital's
+    personal model file holds ``run`` and ``entries``)."""
     if not path.is_file():
         raise MedbloomError(f"{path}: no such checkpoint")
     try:
@@ -477,8 +490,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise _unreadable(path, exc) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError... on damage
         raise _unreadable(path, exc) from None
-    if not isinstance(ckpt, dict) or not {"model", "round"} <= set(ckpt):
-        raise MedbloomError(f"{path} is not a medbloom checkpoint (no model and round)")
+    if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
+        raise MedbloomError(f"{path} is not a medbloom checkpoint (no {' and '.join(keys)})")
     if "strategy" in ckpt:
         raise UnsafeCheckpoint(
             f"{path} carries a pickled strategy (written by an earlier medbloom), which "

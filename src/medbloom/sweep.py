@@ -60,6 +60,18 @@ COMPARED = (
     ("clean_accuracy", "clean test ACC"),
     ("auc", "test AUC"),
     ("worst_site_accuracy", "worst-site ACC"),
+    ("personal_mean_accuracy", "site ACC, mean"),
+    ("personal_worst_accuracy", "site ACC, worst"),
+    ("personal_mean_balanced_accuracy", "site balanced ACC, mean"),
+    ("personal_worst_balanced_accuracy", "site balanced ACC, worst"),
+)
+# scores of the hospitals' own validation splits, from the last row that has them
+SITE_SCORES = (
+    "worst_site_accuracy",
+    "personal_mean_accuracy",
+    "personal_worst_accuracy",
+    "personal_mean_balanced_accuracy",
+    "personal_worst_balanced_accuracy",
 )
 
 
@@ -439,16 +451,22 @@ def _run_all(sweep: Sweep, parallel: int, ray_address: str | None, stream: Any) 
 
 
 # --------------------------------------------------------------------------- results
-def _last_worst_site(run_dir: Path) -> float:
-    """The worst hospital's ACC the last time the hospitals scored a global model
-    (metrics.csv; with --site-eval-every N not every row has one)."""
+def _last_site_scores(run_dir: Path) -> dict[str, float]:
+    """:data:`SITE_SCORES` the last time the hospitals scored their models (metrics.csv;
+    with --site-eval-every N not every row has them): the worst hospital's ACC of the
+    global model, and of the model each hospital uses (``personal_*``)."""
     from medbloom.runs import read_metrics
 
-    for row in reversed(read_metrics(run_dir)):
-        value = row.get("worst_site_accuracy")
-        if isinstance(value, int | float) and math.isfinite(value):
-            return float(value)
-    return float("nan")
+    rows = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
+    out = {}
+    for key in SITE_SCORES:
+        out[key] = float("nan")
+        for row in reversed(rows):
+            value = row.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                out[key] = float(value)
+                break
+    return out
 
 
 def result_rows(sweep: Sweep) -> list[dict[str, Any]]:
@@ -464,7 +482,7 @@ def result_rows(sweep: Sweep) -> list[dict[str, Any]]:
         for key in SCORES:
             value = final.get(key)
             row[key] = float(value) if isinstance(value, int | float) else float("nan")
-        row["worst_site_accuracy"] = _last_worst_site(exp.run_dir(sweep.out))
+        row.update(_last_site_scores(exp.run_dir(sweep.out)))
         # the privacy the run spent (the largest over its hospitals); NaN: none
         privacy = summary.get("privacy") or {}
         eps = privacy.get("epsilon")

@@ -137,6 +137,7 @@ def train_local(
     weight_decay: float = 0.0,
     weights: torch.Tensor | None = None,
     proximal_mu: float = 0.0,
+    proximal_to: list[torch.Tensor] | None = None,
     seed: int = 0,
     device: torch.device | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -149,14 +150,19 @@ def train_local(
     under autocast; weights, gradients and optimizer state stay float32.
 
     With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` is added,
-    ``w_global`` being the weights the model had on entry.
+    ``w_global`` being the weights the model had on entry, or ``proximal_to`` (one tensor
+    per parameter, in ``model.parameters()`` order) where given: Ditto's personal model
+    is pulled towards the global model, not towards where it started.
     """
     device = device or torch.device("cpu")
     model.to(device).train()
     x, y = x.to(device), y.to(device)
     criterion = loss_function(task, None if weights is None else weights.to(device))
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    global_params: list[torch.Tensor] = []
+    if proximal_mu > 0:
+        anchor = proximal_to if proximal_to is not None else list(model.parameters())
+        global_params = [p.detach().to(device).clone() for p in anchor]
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
     total_loss, total_correct, total_seen, steps = 0.0, 0.0, 0, 0

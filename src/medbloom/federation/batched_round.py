@@ -14,7 +14,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from medbloom.batched import train_clients_batched
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import client_data
-from medbloom.federation.client_app import site_scores
+from medbloom.federation.client_app import as_personal, site_scores
 from medbloom.federation.wire import Layout
 from medbloom.metrics import medmnist_acc
 from medbloom.models import build_model
@@ -62,7 +62,9 @@ def train_round_batched(
             "num-examples": res.num_examples,
             "partition-id": pid,
             "seconds": seconds,
+            "val-size": len(d.val),
             **site,
+            **as_personal(site),
         }
         if len(d.val):
             load_arrays(model, state)

@@ -3,8 +3,10 @@ weights and metrics only."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -19,8 +21,9 @@ from medbloom.config import ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.experiment import ClientData, TensorSplit, client_data
 from medbloom.federation.wire import Layout
-from medbloom.metrics import medmnist_acc, medmnist_auc
+from medbloom.metrics import evaluate_scores, medmnist_acc
 from medbloom.models import build_model
+from medbloom.personal import PersonalStore, private_keys
 from medbloom.privacy import BudgetExceeded, Ledger, Plan, plan_for, train_private
 from medbloom.training import (
     TrainResult,
@@ -72,16 +75,30 @@ def site_scores(
 
 
 def _scores(
-    model: nn.Module, split: TensorSplit, task: str, device: torch.device, amp: torch.dtype | None
+    model: nn.Module,
+    split: TensorSplit,
+    task: str,
+    device: torch.device,
+    amp: torch.dtype | None,
+    prefix: str = "site_",
 ) -> dict[str, float]:
-    """``site_accuracy``, ``site_auc`` (NaN where the split lacks a class) and
-    ``site_loss`` of ``model`` on ``split``."""
+    """``site_accuracy``, ``site_auc`` (NaN where the split lacks a class),
+    ``site_balanced_accuracy`` and ``site_loss`` of ``model`` on ``split`` (another
+    ``prefix`` than ``site_`` where given)."""
     probs, loss = predict(model, split.x, split.y, task, device=device, amp_dtype=amp)
+    scores = evaluate_scores(split.labels, probs, task)
     return {
-        "site_accuracy": medmnist_acc(split.labels, probs, task),
-        "site_auc": medmnist_auc(split.labels, probs, task),
-        "site_loss": loss,
+        f"{prefix}accuracy": scores["accuracy"],
+        f"{prefix}auc": scores["auc"],
+        f"{prefix}balanced_accuracy": scores["balanced_accuracy"],
+        f"{prefix}loss": loss,
     }
+
+
+def as_personal(site: Mapping[str, float]) -> dict[str, float]:
+    """``personal_*`` scores for a strategy without personal parameters: the model a
+    hospital uses is the global one it received, so they are its ``site_*`` scores."""
+    return {k.replace("site_", "personal_", 1): v for k, v in site.items()}
 
 
 def node_config_of(
@@ -150,37 +167,65 @@ class Hospital:
 
     def train(self, msg: Message) -> Message:
         """Train on this hospital's partition; reply with weights, metrics and
-        ``num-examples`` (and with DP-SGD, the epsilon spent so far)."""
+        ``num-examples`` (and with DP-SGD, the epsilon spent so far).
+
+        Under a personalised strategy the hospital also trains and keeps its own model
+        (:mod:`medbloom.personal`): its private entries are saved here and the reply
+        carries the global values it received in their place, so no message holds
+        them; ``personal_*`` scores that model on the local validation split."""
         started = time.perf_counter()
         set_threads()
         cfg, data = self.cfg, self.data
         model, layout, device, amp = self._received_model(msg)
         config = msg.content.config_records["config"]
         server_round = int(cast(int, config.get("server-round", 0)))
+        scoring = bool(config.get("site-eval")) and len(data.val) > 0
         # before training: how the global model does on this hospital's own patients
-        site = site_scores(model, data, device, amp) if config.get("site-eval") else {}
+        site = _scores(model, data.val, data.spec.task, device, amp) if scoring else {}
         seed = client_seed(cfg.seed, server_round, self.pid)
         privacy: dict[str, float] = {}
+        received = OrderedDict((k, v.clone()) for k, v in state_arrays(model).items())
+        keys = private_keys(cfg.strategy, model, list(received))
+        keeps = cfg.strategy in ("local", "fedper", "fedbn", "ditto")
+        store = self.personal_store() if keeps else None
+        personal_model: nn.Module | None = None  # scored as this hospital's own model
         if cfg.privacy == "sample":
             result, privacy = self._train_private(model, server_round, seed, device)
+        elif cfg.strategy == "ditto":
+            assert store is not None
+            anchor = [p.detach().clone() for p in model.parameters()]
+            personal_model = copy.deepcopy(model)
+            load_arrays(personal_model, store.before(server_round) or received)
+            result = self._fit(model, server_round, seed, device, amp, config)
+            self._fit(
+                personal_model, server_round, seed + 1, device, amp, config,
+                proximal_mu=cfg.ditto_lambda, proximal_to=anchor,
+            )  # fmt: skip
+            store.save(server_round, state_arrays(personal_model))
+        elif cfg.strategy == "fedavg-ft":
+            tuned = copy.deepcopy(model) if scoring else None
+            result = self._fit(model, server_round, seed, device, amp, config)
+            if tuned is not None:
+                self._fit(
+                    tuned, server_round, seed + 1, device, amp, config,
+                    epochs=cfg.finetune_epochs,
+                )  # fmt: skip
+                personal_model = tuned
         else:
-            result = train_local(
-                model,
-                data.train.x,
-                data.train.y,
-                task=data.spec.task,
-                epochs=cfg.local_epochs,
-                batch_size=cfg.batch_size,
-                optimizer=cfg.optimizer_name(),
-                lr=cfg.round_lr(server_round),
-                weight_decay=cfg.weight_decay,
-                weights=data.weights,
-                proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
-                seed=seed,
-                device=device,
-                amp_dtype=amp,
-                augment=_augmenter(cfg.augmentation(), data.spec),
-            )
+            saved = store.before(server_round) if store is not None else None
+            if saved is not None:
+                load_arrays(model, {**received, **saved})
+            result = self._fit(model, server_round, seed, device, amp, config)
+            if store is not None:
+                trained = state_arrays(model)
+                store.save(server_round, {k: trained[k] for k in keys})
+                personal_model = model
+        if not scoring:
+            personal = {}
+        elif personal_model is None:
+            personal = as_personal(site)
+        else:
+            personal = _scores(personal_model, data.val, data.spec.task, device, amp, "personal_")
         # With DP-SGD the training loss and accuracy stay here: they are computed on the
         # training images without noise, outside the guarantee the hospital states.
         private = cfg.privacy != "none"
@@ -190,7 +235,9 @@ class Hospital:
             "lr": cfg.round_lr(server_round),
             "num-examples": result.num_examples,
             "partition-id": self.pid,
+            "val-size": len(data.val),
             **site,
+            **personal,
             **privacy,
         }
         if cfg.privacy == "hospital":
@@ -201,10 +248,57 @@ class Hospital:
             )
             metrics["local_val_accuracy"] = medmnist_acc(data.val.labels, probs, data.spec.task)
         metrics["seconds"] = time.perf_counter() - started
-        content = RecordDict(
-            {"arrays": layout.pack(state_arrays(model)), "metrics": MetricRecord(metrics)}
-        )
+        sent = state_arrays(model)
+        if keys:  # what stays here goes back as the global values received
+            sent = OrderedDict((k, received[k] if k in keys else v) for k, v in sent.items())
+        content = RecordDict({"arrays": layout.pack(sent), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
+
+    def personal_store(self) -> PersonalStore:
+        """This hospital's personal parameters in this run (see :class:`PersonalStore`)."""
+        cfg = self.cfg
+        name = f"client_{self.pid}" if self.pid >= 0 else "own-data"
+        run = "|".join(
+            str(v)
+            for v in (cfg.out, cfg.dataset, cfg.size, cfg.model, cfg.strategy, cfg.seed, self.pid)
+        )
+        return PersonalStore(self.state_dir() / f"personal-{name}.pt", run)
+
+    def _fit(
+        self,
+        model: nn.Module,
+        server_round: int,
+        seed: int,
+        device: torch.device,
+        amp: torch.dtype | None,
+        config: Mapping[str, Any],
+        epochs: int | None = None,
+        proximal_mu: float | None = None,
+        proximal_to: list[torch.Tensor] | None = None,
+    ) -> TrainResult:
+        """Local training of ``model`` on this hospital's training images with the
+        run's recipe (FedProx's term where the strategy asks for it)."""
+        cfg, data = self.cfg, self.data
+        if proximal_mu is None:
+            proximal_mu = float(cast(float, config.get("proximal-mu", 0.0)))
+        return train_local(
+            model,
+            data.train.x,
+            data.train.y,
+            task=data.spec.task,
+            epochs=epochs or cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer_name(),
+            lr=cfg.round_lr(server_round),
+            weight_decay=cfg.weight_decay,
+            weights=data.weights,
+            proximal_mu=proximal_mu,
+            proximal_to=proximal_to,
+            seed=seed,
+            device=device,
+            amp_dtype=amp,
+            augment=_augmenter(cfg.augmentation(), data.spec),
+        )
 
     def _received_model(
         self, msg: Message

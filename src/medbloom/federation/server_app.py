@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
-from medbloom.config import ExperimentConfig
+from medbloom.config import NO_GLOBAL_MODEL, ExperimentConfig
 from medbloom.errors import MedbloomError, RecordWriteError
 from medbloom.experiment import (
     TensorSplit,
@@ -43,10 +43,12 @@ from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import (
     BOOTSTRAP_LEVEL,
     BOOTSTRAP_RESAMPLES,
+    METRIC_NAMES,
     bootstrap_intervals,
     evaluate_scores,
     per_class_report,
 )
+from medbloom.personal import private_keys
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file, load_checkpoint
 from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
@@ -161,6 +163,13 @@ class Evaluator:
                     seed,
                 )
         return out
+
+    @staticmethod
+    def blank() -> dict[str, float]:
+        """What :meth:`__call__` returns, all NaN: for strategies without one global
+        model (local, fedper, fedbn), whose scores are each hospital's own."""
+        names = (*METRIC_NAMES, "loss")
+        return {f"{p}{k}": float("nan") for p in ("", "clean_", "val_") for k in names}
 
     def _split(self, split: TensorSplit, prefix: str) -> tuple[dict[str, float], np.ndarray]:
         probs, loss = predict(
@@ -383,11 +392,11 @@ class RoundOutcome:
 
     @property
     def ok(self) -> int:
-        return len(self.usable)
+        return sum(row["status"] == "ok" for row in self.rows)
 
     @property
     def failed(self) -> int:
-        return len(self.rows) - len(self.usable)
+        return len(self.rows) - self.ok
 
     def summary(self) -> str:
         """How many replies ended how, e.g. ``2 timeout, 1 failed``."""
@@ -401,8 +410,11 @@ def sort_replies(
     missing: list[int],
     reference: dict[str, tuple[int, ...]],
     node_to_client: dict[int, int],
+    check: Callable[[Message], str | None] | None = None,
 ) -> RoundOutcome:
-    """Split a round's replies into usable updates and failures, one record row each."""
+    """Split a round's replies into usable updates and failures, one record row each.
+
+    ``check`` may reject a well-formed reply (it returns the reason)."""
     out = RoundOutcome([], [], [])
 
     def failure(node: int, status: str, reason: str) -> None:
@@ -426,7 +438,7 @@ def sort_replies(
         if reply.has_error():
             failure(node, "failed", error_summary(reply.error.reason or ""))
             continue
-        problem = check_update(reply, reference)
+        problem = check_update(reply, reference) or (check(reply) if check else None)
         m = reply.content.metric_records.get("metrics")
         if m is not None and "partition-id" in m:
             node_to_client[node] = int(_num(m["partition-id"]))
@@ -446,6 +458,12 @@ def sort_replies(
                 "site_accuracy": _num(m.get("site_accuracy", float("nan"))),
                 "site_auc": _num(m.get("site_auc", float("nan"))),
                 "site_loss": _num(m.get("site_loss", float("nan"))),
+                "site_balanced_accuracy": _num(m.get("site_balanced_accuracy", float("nan"))),
+                **{
+                    f"personal_{k}": _num(m.get(f"personal_{k}", float("nan")))
+                    for k in ("accuracy", "auc", "balanced_accuracy", "loss")
+                },
+                "val_size": int(_num(m["val-size"])) if "val-size" in m else "",
                 "train_accuracy": _num(m["train_accuracy"]),
                 "lr": _num(m.get("lr", float("nan"))),
                 "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
@@ -456,6 +474,139 @@ def sort_replies(
     for node in missing:
         failure(node, "timeout", "no reply within --round-timeout")
     return out
+
+
+# A hospital whose local validation split holds fewer images than this says too little
+# about its model (one image is 5 points of ACC): it is counted in ``small_sites`` and
+# left out of the personal mean, median and worst, not silently averaged in.
+MIN_SITE_IMAGES = 20
+
+
+def personal_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Over the hospitals that scored the model they use (``personal_*``: their own
+    model, or the global one where a strategy has no personal parameters) on their own
+    validation split this round: the mean weighted by the split's size, the median and
+    the worst ACC, the mean and worst balanced ACC, and how many sites were left out
+    for a split under :data:`MIN_SITE_IMAGES` images. NaN when none scored."""
+    scored = [
+        r
+        for r in rows
+        if r.get("status") == "ok" and np.isfinite(r.get("personal_accuracy", float("nan")))
+    ]
+    sized = [r for r in scored if isinstance(r.get("val_size"), int)]
+    small = [r for r in sized if r["val_size"] < MIN_SITE_IMAGES]
+    kept = [r for r in sized if r["val_size"] >= MIN_SITE_IMAGES]
+    nan = float("nan")
+    out = {
+        "personal_mean_accuracy": nan,
+        "personal_median_accuracy": nan,
+        "personal_worst_accuracy": nan,
+        "personal_mean_balanced_accuracy": nan,
+        "personal_worst_balanced_accuracy": nan,
+        "small_sites": len(small) if scored else nan,
+    }
+    if kept:
+        acc = np.array([r["personal_accuracy"] for r in kept], dtype=float)
+        bal = np.array([r["personal_balanced_accuracy"] for r in kept], dtype=float)
+        n = np.array([r["val_size"] for r in kept], dtype=float)
+        out.update(
+            personal_mean_accuracy=float((acc * n).sum() / n.sum()),
+            personal_median_accuracy=float(np.median(acc)),
+            personal_worst_accuracy=float(acc.min()),
+            personal_mean_balanced_accuracy=float((bal * n).sum() / n.sum()),
+            personal_worst_balanced_accuracy=float(bal.min()),
+        )
+    return out
+
+
+def _private_check(
+    layout: Layout, sent: ArrayRecord, private: list[str]
+) -> Callable[[Message], str | None]:
+    """A check that rejects a reply whose private entries (those a personalised
+    strategy keeps at the hospital) are not the global values the server sent: a
+    hospital must never send its own."""
+    expected = layout.unpack(sent)
+
+    def check(reply: Message) -> str | None:
+        got = layout.unpack(reply.content.array_records["arrays"])
+        for key in private:
+            if not torch.equal(got[key], expected[key]):
+                return f"the reply carries the hospital's own {key}, which must stay there"
+        return None
+
+    return check
+
+
+class PooledTrainer:
+    """``--strategy pooled``: the baseline of all training data in one place. Each round
+    one model trains for ``--local-epochs`` on every hospital's training images together
+    (the same images, epochs and recipe the hospitals have), and each hospital's
+    validation split scores it, as if every hospital used the pooled model."""
+
+    def __init__(self, cfg: ExperimentConfig, evaluator: Evaluator) -> None:
+        from medbloom.experiment import client_data
+        from medbloom.training import class_weights
+
+        self.cfg = cfg
+        self.sites = [client_data(cfg, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
+        self.x = torch.cat([d.train.x for d in self.sites])
+        self.y = torch.cat([d.train.y for d in self.sites])
+        labels = np.concatenate([d.train.labels for d in self.sites])
+        self.weights = class_weights(labels, evaluator.spec.num_classes, cfg.class_weighting)
+        self.model = initial_model(cfg, evaluator.spec)
+        self.layout = evaluator.layout
+
+    def train(
+        self, server_round: int, arrays: ArrayRecord, site_eval: bool
+    ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
+        from medbloom.federation.client_app import _augmenter, _scores, as_personal
+        from medbloom.training import client_seed, train_local
+
+        cfg, spec = self.cfg, self.sites[0].spec
+        started = time.monotonic()
+        load_arrays(self.model, self.layout.unpack(arrays))
+        device = resolve_device(cfg.device)
+        amp = resolve_precision(cfg.precision, device)
+        result = train_local(
+            self.model,
+            self.x,
+            self.y,
+            task=spec.task,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer_name(),
+            lr=cfg.round_lr(server_round),
+            weight_decay=cfg.weight_decay,
+            weights=self.weights,
+            seed=client_seed(cfg.seed, server_round, 0),
+            device=device,
+            amp_dtype=amp,
+            augment=_augmenter(cfg.augmentation(), spec),
+        )
+        rows = []
+        seconds = time.monotonic() - started
+        for pid, site in enumerate(self.sites):
+            scored = len(site.val) and site_eval
+            scores = _scores(self.model, site.val, spec.task, device, amp) if scored else {}
+            rows.append(
+                {
+                    "round": server_round,
+                    "client_id": pid,
+                    "node_id": "",
+                    "status": "ok",
+                    "num_examples": len(site.train),
+                    "val_size": len(site.val),
+                    "train_loss": result.train_loss,
+                    "train_accuracy": result.train_accuracy,
+                    "lr": cfg.round_lr(server_round),
+                    "seconds": seconds,
+                    **scores,
+                    **as_personal(scores),
+                }
+            )
+        metrics = {"train_loss": result.train_loss, "train_accuracy": result.train_accuracy}
+        new = self.layout.pack(state_arrays(self.model))
+        return new, metrics, RoundOutcome([], rows, [])
 
 
 def site_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -528,6 +679,16 @@ def run_federation(
             arrays = evaluator.layout.pack(state_arrays(evaluator.model))
             first, offset = 1, 0.0
         reference = evaluator.layout.reference()
+        private = private_keys(
+            cfg.strategy, evaluator.model, [e[0] for e in evaluator.layout.entries]
+        )
+        global_model = cfg.strategy not in NO_GLOBAL_MODEL
+        pooled = PooledTrainer(cfg, evaluator) if cfg.strategy == "pooled" else None
+        if pooled is not None and not simulated:
+            raise MedbloomError(
+                "--strategy pooled trains one model on every hospital's images in one "
+                "place: a baseline for the simulation (medbloom run), not a deployment"
+            )
         wait_for_nodes(
             live,
             cfg.num_clients if not ckpt else min_clients,
@@ -542,7 +703,7 @@ def run_federation(
             flat, state = _unpacked(arrays, evaluator.layout)
             row = {
                 "round": 0,
-                **evaluator(state),
+                **(evaluator(state) if global_model else evaluator.blank()),
                 "epsilon": recorder.epsilon(),
                 "round_seconds": 0.0,
             }
@@ -567,35 +728,44 @@ def run_federation(
             # depend on (seed, round, live clients) only, also across a resume.
             random.seed(cfg.seed * 1_000_003 + server_round)
             site_eval = cfg.site_eval_every > 0 and server_round % cfg.site_eval_every == 0
-            messages = strategy.configure_train(
-                server_round, arrays, ConfigRecord({"site-eval": site_eval}), live
-            )
-            if cfg.batched == "on":
-                from medbloom.federation.batched_round import train_round_batched
-
-                replies = train_round_batched(list(messages), cfg, live.client_of)
-                missing: list[int] = []
+            if pooled is not None:
+                new_arrays, train_metrics, outcome = pooled.train(server_round, arrays, site_eval)
+                recorder.record_clients(outcome.rows)
             else:
-                replies, missing = exchange(
-                    grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
+                messages = strategy.configure_train(
+                    server_round, arrays, ConfigRecord({"site-eval": site_eval}), live
                 )
-            outcome = sort_replies(server_round, replies, missing, reference, live.client_of)
-            live.suspects.update(outcome.failed_nodes)
-            recorder.record_clients(outcome.rows)
-            if not outcome.usable:
-                raise RuntimeError(
-                    f"round {server_round}: no client returned a usable update "
-                    f"({outcome.summary()}; --round-timeout {cfg.round_timeout:g} s)"
+                if cfg.batched == "on":
+                    from medbloom.federation.batched_round import train_round_batched
+
+                    replies = train_round_batched(list(messages), cfg, live.client_of)
+                    missing: list[int] = []
+                else:
+                    replies, missing = exchange(
+                        grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
+                    )
+                check = _private_check(evaluator.layout, arrays, private) if private else None
+                outcome = sort_replies(
+                    server_round, replies, missing, reference, live.client_of, check
                 )
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
-            if new_arrays is None:
-                raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
+                live.suspects.update(outcome.failed_nodes)
+                recorder.record_clients(outcome.rows)
+                if not outcome.usable:
+                    raise RuntimeError(
+                        f"round {server_round}: no client returned a usable update "
+                        f"({outcome.summary()}; --round-timeout {cfg.round_timeout:g} s)"
+                    )
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
+                if new_arrays is None:
+                    raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
+                if cfg.strategy == "local":
+                    new_arrays = arrays  # each hospital alone: nothing is aggregated
             if cfg.privacy == "hospital":
                 recorder.note_server_epsilon(strategy.privacy_spent().epsilon)
             arrays = new_arrays
             now = time.monotonic()
             flat, state = _unpacked(arrays, evaluator.layout)
-            scores = evaluator(state)
+            scores = evaluator(state) if global_model else evaluator.blank()
             done = time.monotonic()
             row = {
                 "round": server_round,
@@ -605,6 +775,7 @@ def run_federation(
                 if train_metrics
                 else float("nan"),
                 **site_spread(outcome.rows),
+                **personal_spread(outcome.rows),
                 "epsilon": recorder.epsilon(),
                 "clients_ok": outcome.ok,
                 "clients_failed": outcome.failed,
@@ -613,15 +784,17 @@ def run_federation(
                 "elapsed_seconds": done - started,
             }
             _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
-        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
-        recorder.calibration = _calibration(evaluator, run_dir)
+        if global_model:
+            recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+            recorder.calibration = _calibration(evaluator, run_dir)
         status = "finished"
         return row
     except RunInterrupted as exc:
         status, error = "interrupted", str(exc)
         log.warning("run interrupted after %d recorded rounds", max(recorder.rows - 1, 0))
-        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
-        recorder.calibration = _calibration(evaluator, run_dir)
+        if cfg.strategy not in NO_GLOBAL_MODEL:
+            recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+            recorder.calibration = _calibration(evaluator, run_dir)
         raise
     except BaseException as exc:
         # a full disk says which file and why, without the exception's class name
@@ -766,6 +939,12 @@ def _score_rows(
                 "site_accuracy": _num(m.get("site_accuracy", float("nan"))),
                 "site_auc": _num(m.get("site_auc", float("nan"))),
                 "site_loss": _num(m.get("site_loss", float("nan"))),
+                "site_balanced_accuracy": _num(m.get("site_balanced_accuracy", float("nan"))),
+                **{
+                    f"personal_{k}": _num(m.get(f"personal_{k}", float("nan")))
+                    for k in ("accuracy", "auc", "balanced_accuracy", "loss")
+                },
+                "val_size": int(_num(m["val-size"])) if "val-size" in m else "",
                 "seconds": _num(m.get("seconds", float("nan"))),
             }
         )

@@ -6,7 +6,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as fl
 
-from medbloom.config import STRATEGIES, ExperimentConfig
+from medbloom.config import PERSONAL, STRATEGIES, ExperimentConfig
 from medbloom.errors import ConfigError
 
 
@@ -47,7 +47,9 @@ def _flower_strategy(cfg: ExperimentConfig) -> fl.FedAvg:
         # Flower's accounted average needs equal weights: each hospital is one unit
         common["weighted_by_key"] = "dp-weight"
     name = cfg.strategy
-    if name == "fedavg":
+    if name == "fedavg" or name in PERSONAL or name == "pooled":
+        # the personalised methods share FedAvg's average of what is not personal;
+        # local and pooled aggregate nothing (the round loop never asks them to)
         return fl.FedAvg(**common)
     if name == "fedprox":
         return fl.FedProx(proximal_mu=cfg.proximal_mu, **common)
