@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from medbloom.config import ExperimentConfig
+from medbloom.config import PERSONAL, ExperimentConfig
 from medbloom.dashboard import APP, check_port, dashboard_command, launch, rundir
 from medbloom.data.partition import ClientPartition, partition_map
 from medbloom.data.registry import spec_of
@@ -155,6 +155,7 @@ class RunWriter:
             },
         )
         self.rounds = rounds
+        self.personal = strategy in PERSONAL
         self.rng = np.random.default_rng(seed)
         self.recorder = RunRecorder(self.path, cfg, self.spec)
         self.recorder.started -= started_ago  # as if the run began that long ago
@@ -177,6 +178,7 @@ class RunWriter:
                         "local_val_accuracy": 0.62 + 0.03 * rnd,
                         "site_accuracy": self._site(rnd, p.client_id),
                         "seconds": 0.5 + 0.1 * p.client_id,
+                        **self._own(rnd, p.client_id),
                     }
                     for p in self.parts
                 ]
@@ -190,12 +192,23 @@ class RunWriter:
             row["worst_site_accuracy"] = min(sites)
             row["median_site_accuracy"] = float(np.median(sites))
             row["site_accuracy_spread"] = max(sites) - min(sites)
+            if self.personal:
+                own = [self._own(rnd, p.client_id)["personal_accuracy"] for p in self.parts]
+                row["personal_mean_accuracy"] = float(np.mean(own))
+                row["personal_worst_accuracy"] = min(own)
         self.recorder.record_round(
             row,
             {"w": torch.zeros(2)},
             _per_class(self.spec["class_names"], self.rng),
         )
         self.done = rnd
+
+    def _own(self, rnd: int, client_id: int) -> dict[str, Any]:
+        """A personalised run: hospital ``client_id``'s own model's scores in ``rnd``."""
+        if not self.personal:
+            return {}
+        acc = round(0.8 + 0.02 * rnd - 0.01 * client_id, 4)
+        return {"personal_accuracy": acc, "personal_balanced_accuracy": acc - 0.05, "val_size": 40}
 
     @staticmethod
     def _site(rnd: int, client_id: int) -> float:
@@ -592,3 +605,24 @@ def test_the_privacy_guarantee_is_stated_or_its_absence(
     at.radio(key="run").set_value(str(private.path)).run()
     assert not at.exception
     assert "Privacy: epsilon 2.50 (delta 1e-05) per image" in _texts(at)
+
+
+def test_a_personalised_run_shows_each_hospitals_own_model_beside_the_global_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = RunWriter(tmp_path, "own", strategy="fedper", rounds=2)
+    for _ in range(3):
+        writer.next_round()
+    writer.recorder.close("finished")
+    plain = write_run(tmp_path, "plain", "finished", rounds=2, seed=4)
+    at = _app(tmp_path, monkeypatch, "own")
+    assert "Each hospital's own model on its own validation data" in _texts(at)
+    hospitals = next(df for df in _frames(at) if "rounds ok" in df.columns)
+    assert list(hospitals["own model ACC"]) == pytest.approx([0.84, 0.83, 0.82])
+    assert list(hospitals["own balanced ACC"]) == pytest.approx([0.79, 0.78, 0.77])
+    assert list(hospitals["site ACC"]) == pytest.approx([0.58, 0.53, 0.48])  # the global one
+    at.radio(key="run").set_value(str(plain)).run()
+    assert not at.exception
+    assert "own model" not in _texts(at)
+    hospitals = next(df for df in _frames(at) if "rounds ok" in df.columns)
+    assert "own model ACC" not in hospitals.columns

@@ -358,3 +358,39 @@ def test_pooled_is_refused_in_a_deployment(run_cli: Cli, tmp_path: Path) -> None
         "launch", "--data-dir", str(_data(tmp_path)), "--strategy", "pooled", cwd=tmp_path
     )
     assert result.returncode == 2 and "not a deployment" in result.stderr, result
+
+
+@pytest.mark.slow
+def test_in_a_deployment_no_reply_carries_a_hospitals_own_head(tmp_path: Path) -> None:
+    """``medbloom launch`` (a real SuperLink and a process per hospital), FedPer: every
+    reply the server received held exactly the head it had sent (the server compares
+    each one and would reject it otherwise), so the global head never moved, while each
+    hospital's own head, in its own file, did."""
+    from medbloom.experiment import load_run_config
+    from test_launch import _assert_nothing_left, _launch
+
+    out = tmp_path / "run"
+    proc = _launch(
+        tmp_path, out, "--num-clients", "2", "--rounds", "2", "--strategy", "fedper",
+        "--local-val-fraction", "0.3",
+    )  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert "hospitals, each on its own validation split" in stdout
+    clients = _rows(out, "clients.csv")
+    assert len(clients) == 4 and all(r["status"] == "ok" for r in clients), clients
+    assert all(0 <= float(r["personal_accuracy"]) <= 1 for r in clients)
+    cfg = load_run_config(out)
+    initial = state_arrays(initial_model(cfg, spec_of(cfg.dataset, cfg.size)))
+    latest = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    for k in ("fc.weight", "fc.bias"):
+        assert torch.allclose(latest[k], initial[k], atol=1e-6)
+    assert not torch.allclose(latest["features.0.weight"], initial["features.0.weight"], atol=1e-4)
+    heads = [
+        torch.load(out / "hospitals" / f"personal-client_{i}.pt", weights_only=True)["entries"][2]
+        for i in range(2)
+    ]
+    assert all(set(h) == {"fc.weight", "fc.bias"} for h in heads)
+    assert not torch.allclose(heads[0]["fc.weight"], initial["fc.weight"], atol=1e-4)
+    assert not torch.equal(heads[0]["fc.weight"], heads[1]["fc.weight"])
+    _assert_nothing_left(tmp_path)

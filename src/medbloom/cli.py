@@ -80,7 +80,7 @@ class Progress:
             per_round = row["elapsed_seconds"] / r
             left = f"  {per_round:5.1f} s/round  ~{_duration(per_round * (self.rounds - r))} left"
         best = row.get("best") or {}
-        if _finite(row.get("accuracy")) or not r:
+        if _finite(row.get("accuracy")):
             scores = (
                 f"acc {row['accuracy']:.4f}  auc {row['auc']:.4f}  val auc {row['val_auc']:.4f}"
             )
@@ -242,9 +242,15 @@ def site_lines(row: dict[str, Any]) -> list[str]:
     personal model, or the global one) on its own validation split."""
     from medbloom.federation.server_app import MIN_SITE_IMAGES
 
-    if not _finite(row.get("personal_mean_accuracy")):
-        return []
     small = row.get("small_sites")
+    if not _finite(row.get("personal_mean_accuracy")):
+        if _finite(small) and small:
+            return [
+                f"hospitals: every validation split that scored a model in round "
+                f"{row.get('round')} holds under {MIN_SITE_IMAGES} images, too few to "
+                "summarise; see clients.csv (raise --local-val-fraction)"
+            ]
+        return []
     return [
         f"hospitals, each on its own validation split (round {row.get('round')}): acc mean "
         f"{row['personal_mean_accuracy']:.4f}, median {row['personal_median_accuracy']:.4f}, "

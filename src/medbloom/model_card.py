@@ -83,10 +83,25 @@ def model_card(run_dir: Path) -> str:
     add(f"- Task: {summary.get('task')}; classes: {', '.join(classes)}")
     add(f"- Input: {summary.get('spatial_dims')}D, {summary.get('image_size')} px, "
         f"{summary.get('in_channels')} channel(s), pixels scaled to [-1, 1]")  # fmt: skip
-    add(
-        f"- Checkpoints: `checkpoints/best.pt` (round {best.get('round', '?')}, highest "
-        f"validation AUC) and `checkpoints/latest.pt` (round {final.get('round', '?')})"
-    )
+    from medbloom.config import NO_GLOBAL_MODEL, PERSONAL
+
+    strategy = cfg.get("strategy")
+    if strategy in NO_GLOBAL_MODEL:
+        add(
+            f"- No global model: with `{strategy}` each hospital's model is (in part) its "
+            "own and stays at the hospital (`hospitals/personal-*.pt` in a simulation); "
+            "`checkpoints/latest.pt` holds only the shared part, not a usable model"
+        )
+    else:
+        add(
+            f"- Checkpoints: `checkpoints/best.pt` (round {best.get('round', '?')}, highest "
+            f"validation AUC) and `checkpoints/latest.pt` (round {final.get('round', '?')})"
+        )
+    if strategy in PERSONAL:
+        add(
+            "- Personalised: each hospital also keeps a model of its own; the per-hospital "
+            "table below scores it"
+        )
     add(
         "- Software: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
@@ -173,7 +188,20 @@ def model_card(run_dir: Path) -> str:
     for row in clients:
         if row.get("status") == "ok" and row.get("site_accuracy") is not None:
             latest[row["client_id"]] = row
-    if latest:
+    if latest and strategy in PERSONAL:
+        add("Per hospital, on its own held-out images in its last recorded round: the "
+            "hospital's own model, and the global model it received:\n")  # fmt: skip
+        add("| hospital | round | own model ACC | own balanced ACC | own AUC | global ACC "
+            "| held-out images | training images |")  # fmt: skip
+        add("|---|---|---|---|---|---|---|---|")
+        for cid in sorted(latest, key=lambda c: int(c)):
+            r = latest[cid]
+            add(f"| {cid} | {r['round']} | {_f(r.get('personal_accuracy'))} | "
+                f"{_f(r.get('personal_balanced_accuracy'))} | {_f(r.get('personal_auc'))} | "
+                f"{_f(r.get('site_accuracy'))} | {r.get('val_size')} | "
+                f"{r.get('num_examples')} |")  # fmt: skip
+        add("")
+    elif latest:
         add("Per hospital (the global model of the hospital's last recorded round, on "
             "its own held-out images):\n")  # fmt: skip
         add("| hospital | round | ACC | AUC | training images |")

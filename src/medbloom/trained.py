@@ -150,6 +150,13 @@ def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
     if not run_dir.is_dir():
         raise NotARun(f"{run_dir}: no such run directory")
     cfg = load_run_config(run_dir)
+    from medbloom.config import NO_GLOBAL_MODEL
+
+    if cfg.strategy in NO_GLOBAL_MODEL:
+        raise NotARun(
+            f"{run_dir}: a --strategy {cfg.strategy} run has no global model to use; each "
+            "hospital's model stays at the hospital (its personal-*.pt under hospitals/)"
+        )
     spec = run_spec(run_dir)
     path = run_dir / "checkpoints" / ("best.pt" if which == "best" else "latest.pt")
     if not path.is_file():

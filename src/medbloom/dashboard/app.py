@@ -228,6 +228,9 @@ CLIENT_COLUMNS = (
     "site_accuracy",
     "site_auc",
     "site_loss",
+    "personal_accuracy",
+    "personal_balanced_accuracy",
+    "val_size",
     "train_loss",
     "train_accuracy",
     "local_val_accuracy",
@@ -243,7 +246,14 @@ def clients_frame(run: RunData) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     df["status"] = df["status"].fillna("").astype(str)
-    for col in ("train_loss", "site_accuracy", "site_auc", "site_loss"):
+    for col in (
+        "train_loss",
+        "site_accuracy",
+        "site_auc",
+        "site_loss",
+        "personal_accuracy",
+        "personal_balanced_accuracy",
+    ):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["hospital"] = [
         hospital_label(c, n) for c, n in zip(df["client_id"], df["node_id"], strict=True)
@@ -279,8 +289,66 @@ def hospitals_frame(run: RunData) -> pd.DataFrame:
         row["last train loss"] = float(last_loss.iloc[-1]) if len(last_loss) else None
         site = ok["site_accuracy"].dropna()
         row["site ACC"] = float(site.iloc[-1]) if len(site) else None
+        if personalised(run):
+            # the hospital's own model against the global one, on the same images
+            for col, name in (
+                ("personal_accuracy", "own model ACC"),
+                ("personal_balanced_accuracy", "own balanced ACC"),
+            ):
+                own = ok[col].dropna()
+                row[name] = float(own.iloc[-1]) if len(own) else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def personalised(run: RunData) -> bool:
+    """Whether each hospital of ``run`` keeps a model of its own (``--strategy`` local,
+    fedper, ditto, fedbn or fedavg-ft)."""
+    from medbloom.config import PERSONAL
+
+    return run.config.get("strategy") in PERSONAL
+
+
+def own_models_frame(run: RunData, clients: pd.DataFrame) -> pd.DataFrame:
+    """Per round, each hospital's own model's ACC on its own validation split, and the
+    size-weighted mean and the worst hospital from metrics.csv."""
+    ok = clients[clients["status"] == "ok"].dropna(subset=["personal_accuracy"])
+    parts = [
+        pd.DataFrame(
+            {"round": ok["round"], "line": ok["hospital"], "value": ok["personal_accuracy"]}
+        )
+    ]
+    metrics = metrics_frame(run)
+    for col, name in (
+        ("personal_mean_accuracy", "mean (weighted by images)"),
+        ("personal_worst_accuracy", "worst hospital"),
+    ):
+        if col in metrics:
+            values = pd.to_numeric(metrics[col], errors="coerce")
+            keep = values.notna()
+            parts.append(
+                pd.DataFrame({"round": metrics["round"][keep], "line": name, "value": values[keep]})
+            )
+    return pd.concat(parts, ignore_index=True)
+
+
+def show_own_models(run: RunData, clients: pd.DataFrame) -> None:
+    """Personalised runs: each hospital's own model, beside the global one above."""
+    data = own_models_frame(run, clients)
+    st.markdown("**Each hospital's own model on its own validation data**")
+    if data.empty:
+        st.caption("No hospital has scored its own model yet.")
+        return
+    st.altair_chart(
+        line_chart(
+            data,
+            title="",
+            y_title="own model ACC",
+            color="line",
+            legend="right" if data["line"].nunique() <= 30 else None,
+        ),
+        width="stretch",
+    )
 
 
 def config_frame(run: RunData) -> pd.DataFrame:
@@ -619,6 +687,8 @@ def show_hospitals(run: RunData) -> None:
     else:
         right.caption("No hospital has reported a round yet (clients.csv is empty).")
     show_sites(run, clients)
+    if personalised(run):
+        show_own_models(run, clients)
     if run.partitions:
         st.markdown("**Hospitals**")
         st.dataframe(
