@@ -117,11 +117,14 @@ CASES = [
     ("pneumoniamnist", "fedyogi", {"partition": "iid", "site_eval_every": 2}),
     ("pneumoniamnist", "fedavgm", {"partition": "pathological", "classes_per_client": 1}),
     ("pneumoniamnist", "fedtrimmedavg", {"fraction_train": 0.67}),
+    ("dermamnist", "ditto", {}),  # a global model and a personal one at each hospital
 ]
 
 
 def test_cases_cover_every_strategy() -> None:
-    assert {s for _, s, _ in CASES} | {"fedavg"} == set(STRATEGIES)
+    # local, pooled, fedper, fedbn and fedavg-ft: tests/test_personal.py
+    others = {"local", "pooled", "fedper", "fedbn", "fedavg-ft"}
+    assert {s for _, s, _ in CASES} | {"fedavg"} | others == set(STRATEGIES)
 
 
 @pytest.mark.parametrize(

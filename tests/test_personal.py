@@ -174,6 +174,29 @@ def test_ditto_with_a_very_large_lambda_predicts_as_the_global_model(tmp_path: P
     assert free > 5 * pulled, (free, pulled)
 
 
+def test_fedavg_ft_scores_a_fine_tuned_copy_and_sends_plain_fedavg_training(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(tmp_path, strategy="fedavg-ft", finetune_epochs=3)
+    hospital = _hospital(tmp_path, cfg)
+    layout, g1 = _global(cfg, seed=1)
+    reply = hospital.train(_message(layout, g1, 1))
+    sent = _reply_state(layout, reply)
+    expected = _train_as_hospital(hospital, g1, 1)  # what FedAvg's hospital sends
+    assert all(torch.equal(sent[k], expected[k]) for k in g1)
+    assert not (tmp_path / "personal-client_0.pt").exists()  # nothing kept between rounds
+    # its own model: the received global model fine-tuned for 3 epochs, then scored
+    tuned = initial_model(cfg, hospital.data.spec)
+    load_arrays(tuned, g1)
+    seed = client_seed(cfg.seed, 1, 0) + 1
+    hospital._fit(tuned, 1, seed, torch.device("cpu"), None, {}, epochs=3)
+    val = hospital.data.val
+    _, loss = predict(tuned, val.x, val.y, hospital.data.spec.task)
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["personal_loss"] == pytest.approx(loss)
+    assert metrics["personal_loss"] != pytest.approx(metrics["site_loss"])
+
+
 def test_fedbn_keeps_batch_norm_at_the_hospital(tmp_path: Path) -> None:
     cfg = _config(tmp_path, strategy="fedbn", model="resnet18")
     hospital = _hospital(tmp_path, cfg)
