@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,21 @@ def run_cli(
 
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def stop_after_round(cfg: Any, run_dir: Path, last: int) -> None:
+    """Run ``cfg`` (a simulation) in ``run_dir`` and stop it, as Ctrl-C would, once
+    round ``last`` is recorded."""
+    import threading
+
+    from medbloom.federation.server_app import RunInterrupted
+    from medbloom.federation.simulation import run_simulation
+
+    stop = threading.Event()
+
+    def after(row: dict[str, Any]) -> None:
+        if row["round"] == last:
+            stop.set()
+
+    with pytest.raises(RunInterrupted):
+        run_simulation(cfg, run_dir, after, stop)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -22,14 +21,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from conftest import Cli
+from conftest import Cli, stop_after_round
 from medbloom.config import ExperimentConfig
 from medbloom.data.registry import spec_of
 from medbloom.experiment import initial_model, prepare_run
 from medbloom.federation.client_app import Hospital
 from medbloom.federation.server_app import (
     MIN_SITE_IMAGES,
-    RunInterrupted,
     _private_check,
     personal_spread,
 )
@@ -327,14 +325,7 @@ def test_a_resumed_personalised_run_equals_an_uninterrupted_one(tmp_path: Path) 
 
     cfg = whole.replace(out=str(tmp_path / "resumed"))
     run_dir = prepare_run(cfg)
-    stop = threading.Event()
-
-    def stop_after_round_2(row: dict[str, Any]) -> None:
-        if row["round"] == 2:
-            stop.set()
-
-    with pytest.raises(RunInterrupted):
-        run_simulation(cfg, run_dir, stop_after_round_2, stop)
+    stop_after_round(cfg, run_dir, 2)
     file = run_dir / "hospitals" / "personal-client_0.pt"
     data = torch.load(file, weights_only=True)
     data["entries"][3] = {k: torch.zeros_like(v) for k, v in data["entries"][2].items()}

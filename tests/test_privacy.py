@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
+from conftest import stop_after_round
 from medbloom.config import ExperimentConfig
 from medbloom.errors import ConfigError
 from medbloom.experiment import prepare_run
@@ -157,21 +157,6 @@ def test_bad_privacy_input_is_one_line_exit_2_and_nothing_written(
     assert not out.exists()
 
 
-def _stop_after_round_1(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Run ``cfg`` in ``run_dir`` and stop it, as Ctrl-C would, once round 1 is recorded."""
-    from medbloom.federation.server_app import RunInterrupted
-    from medbloom.federation.simulation import run_simulation
-
-    stop = threading.Event()
-
-    def after(row: dict[str, object]) -> None:
-        if row["round"] == 1:
-            stop.set()
-
-    with pytest.raises(RunInterrupted):
-        run_simulation(cfg, run_dir, after, stop)
-
-
 def _hospital_rounds(run_dir: Path) -> dict[str, list[float]]:
     with (run_dir / "clients.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -198,7 +183,7 @@ def test_a_private_run_states_its_epsilon_and_keeps_counting_across_a_resume(
         privacy="sample", target_epsilon=4.0, out=str(tmp_path / "run"),
     ).validate()  # fmt: skip
     run_dir = prepare_run(cfg)
-    _stop_after_round_1(cfg, run_dir)
+    stop_after_round(cfg, run_dir, 1)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     run_simulation(cfg, run_dir, resume=True)
 
@@ -379,7 +364,7 @@ def test_hospital_level_privacy_uses_flowers_wrapper_and_accountant_across_a_res
     noise = strategy.noise_multiplier
     assert hospital_epsilon(cfg, noise, 3) <= 6.0 < hospital_epsilon(cfg, noise * 0.99, 3)
     run_dir = prepare_run(cfg)
-    _stop_after_round_1(cfg, run_dir)
+    stop_after_round(cfg, run_dir, 1)
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert "privacy_accountant" in ckpt
     run_simulation(cfg, run_dir, resume=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from conftest import stop_after_round
 from medbloom.config import ExperimentConfig
 from medbloom.experiment import prepare_run
 from medbloom.federation.client_app import train_on_message
-from medbloom.federation.server_app import RunInterrupted
 from medbloom.federation.simulation import run_simulation
 from synthetic import write_npz
 
@@ -149,14 +148,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, str
         tmp_path, "resumed", strategy=strategy, rounds=rounds, fraction_train=0.67, **extra
     )
     run_dir = prepare_run(cfg)
-    stop = threading.Event()
-
-    def stop_after_round_2(row: dict[str, Any]) -> None:
-        if row["round"] == 2:
-            stop.set()
-
-    with pytest.raises(RunInterrupted):
-        run_simulation(cfg, run_dir, stop_after_round_2, stop)
+    stop_after_round(cfg, run_dir, 2)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     # The process died in round 3 after writing its rows but before its checkpoint,
     # and in the middle of a line: the resumed run must not keep any of that.

@@ -312,24 +312,15 @@ def personalised(run: RunData) -> bool:
 def own_models_frame(run: RunData, clients: pd.DataFrame) -> pd.DataFrame:
     """Per round, each hospital's own model's ACC on its own validation split, and the
     size-weighted mean and the worst hospital from metrics.csv."""
-    ok = clients[clients["status"] == "ok"].dropna(subset=["personal_accuracy"])
-    parts = [
-        pd.DataFrame(
-            {"round": ok["round"], "line": ok["hospital"], "value": ok["personal_accuracy"]}
-        )
-    ]
-    metrics = metrics_frame(run)
-    for col, name in (
-        ("personal_mean_accuracy", "mean (weighted by images)"),
-        ("personal_worst_accuracy", "worst hospital"),
-    ):
-        if col in metrics:
-            values = pd.to_numeric(metrics[col], errors="coerce")
-            keep = values.notna()
-            parts.append(
-                pd.DataFrame({"round": metrics["round"][keep], "line": name, "value": values[keep]})
-            )
-    return pd.concat(parts, ignore_index=True)
+    return _per_hospital_lines(
+        run,
+        clients,
+        "personal_accuracy",
+        (
+            ("personal_mean_accuracy", "mean (weighted by images)"),
+            ("personal_worst_accuracy", "worst hospital"),
+        ),
+    )
 
 
 def show_own_models(run: RunData, clients: pd.DataFrame) -> None:
@@ -715,15 +706,23 @@ def show_hospitals(run: RunData) -> None:
 def sites_frame(run: RunData, clients: pd.DataFrame) -> pd.DataFrame:
     """Per round, each hospital's ACC of the global model it received (on its own
     validation split), and the worst and median hospital from metrics.csv."""
-    ok = clients[clients["status"] == "ok"].dropna(subset=["site_accuracy"])
-    parts = [
-        pd.DataFrame({"round": ok["round"], "line": ok["hospital"], "value": ok["site_accuracy"]})
-    ]
+    return _per_hospital_lines(
+        run,
+        clients,
+        "site_accuracy",
+        (("worst_site_accuracy", "worst hospital"), ("median_site_accuracy", "median hospital")),
+    )
+
+
+def _per_hospital_lines(
+    run: RunData, clients: pd.DataFrame, column: str, summaries: tuple[tuple[str, str], ...]
+) -> pd.DataFrame:
+    """Long-form lines: ``column`` of clients.csv per hospital and round, and each
+    metrics.csv summary column named in ``summaries`` (column, line label)."""
+    ok = clients[clients["status"] == "ok"].dropna(subset=[column])
+    parts = [pd.DataFrame({"round": ok["round"], "line": ok["hospital"], "value": ok[column]})]
     metrics = metrics_frame(run)
-    for col, name in (
-        ("worst_site_accuracy", "worst hospital"),
-        ("median_site_accuracy", "median hospital"),
-    ):
+    for col, name in summaries:
         if col in metrics:
             values = pd.to_numeric(metrics[col], errors="coerce")
             keep = values.notna()
