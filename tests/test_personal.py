@@ -25,7 +25,7 @@ from conftest import Cli, stop_after_round
 from medbloom.config import ExperimentConfig
 from medbloom.data.registry import spec_of
 from medbloom.experiment import initial_model, prepare_run
-from medbloom.federation.client_app import Hospital
+from medbloom.federation.client_app import PERSONAL_SEED_OFFSET, Hospital
 from medbloom.federation.server_app import (
     MIN_SITE_IMAGES,
     _private_check,
@@ -182,11 +182,11 @@ def test_fedavg_ft_scores_a_fine_tuned_copy_and_sends_plain_fedavg_training(
     sent = _reply_state(layout, reply)
     expected = _train_as_hospital(hospital, g1, 1)  # what FedAvg's hospital sends
     assert all(torch.equal(sent[k], expected[k]) for k in g1)
-    assert not (tmp_path / "personal-client_0.pt").exists()  # nothing kept between rounds
+    assert not list(tmp_path.glob("personal-*"))  # nothing kept between rounds
     # its own model: the received global model fine-tuned for 3 epochs, then scored
     tuned = initial_model(cfg, hospital.data.spec)
     load_arrays(tuned, g1)
-    seed = client_seed(cfg.seed, 1, 0) + 1
+    seed = (client_seed(cfg.seed, 1, 0) + PERSONAL_SEED_OFFSET) % 2**63
     hospital._fit(tuned, 1, seed, torch.device("cpu"), None, {}, epochs=3)
     val = hospital.data.val
     _, loss = predict(tuned, val.x, val.y, hospital.data.spec.task)
@@ -281,6 +281,7 @@ def test_local_only_never_aggregates_and_scores_each_hospitals_own_model(
     clients = _rows(run_dir, "clients.csv")
     assert len(clients) == 4 and all(r["status"] == "ok" for r in clients)
     assert all(0 <= float(r["personal_accuracy"]) <= 1 for r in clients)
+    assert all(r["site_accuracy"] == "" for r in clients)  # no global model to score
     last = [r for r in clients if r["round"] == "2"]
     weights = [int(r["val_size"]) for r in last]
     mean = sum(float(r["personal_accuracy"]) * n for r, n in zip(last, weights, strict=True))
@@ -326,7 +327,7 @@ def test_a_resumed_personalised_run_equals_an_uninterrupted_one(tmp_path: Path) 
     cfg = whole.replace(out=str(tmp_path / "resumed"))
     run_dir = prepare_run(cfg)
     stop_after_round(cfg, run_dir, 2)
-    file = run_dir / "hospitals" / "personal-client_0.pt"
+    (file,) = (run_dir / "hospitals").glob("personal-client_0-*.pt")
     data = torch.load(file, weights_only=True)
     data["entries"][3] = {k: torch.zeros_like(v) for k, v in data["entries"][2].items()}
     torch.save(data, file)
@@ -338,9 +339,12 @@ def test_a_resumed_personalised_run_equals_an_uninterrupted_one(tmp_path: Path) 
         return [tuple(r[k] for k in keys) for r in _rows(path, "clients.csv")]
 
     assert view(run_dir) == view(tmp_path / "whole")
-    for name in ("personal-client_0.pt", "personal-client_1.pt"):
-        a = torch.load(run_dir / "hospitals" / name, weights_only=True)["entries"]
-        b = torch.load(tmp_path / "whole" / "hospitals" / name, weights_only=True)["entries"]
+    for client in (0, 1):
+        name = f"personal-client_{client}-*.pt"
+        (mine,) = (run_dir / "hospitals").glob(name)
+        (theirs,) = (tmp_path / "whole" / "hospitals").glob(name)
+        a = torch.load(mine, weights_only=True)["entries"]
+        b = torch.load(theirs, weights_only=True)["entries"]
         assert sorted(a) == sorted(b) == [2, 3]
         assert all(torch.equal(a[3][k], b[3][k]) for k in b[3])
 
@@ -352,6 +356,8 @@ def test_a_resumed_personalised_run_equals_an_uninterrupted_one(tmp_path: Path) 
         (["--strategy", "ditto", "--ditto-lambda", "-1"], "--ditto-lambda -1.0 is out of range"),
         (["--strategy", "fedavg-ft", "--finetune-epochs", "0"], "--finetune-epochs 0"),
         (["--strategy", "fedper", "--privacy", "sample"], "cannot be combined with --privacy"),
+        (["--strategy", "local", "--site-eval-every", "0"], "with --site-eval-every 0"),
+        (["--strategy", "pooled", "--fraction-train", "0.5"], "with --fraction-train below 1"),
     ],
 )
 def test_bad_personalisation_settings_are_one_line_errors(
@@ -401,7 +407,9 @@ def test_in_a_deployment_no_reply_carries_a_hospitals_own_head(tmp_path: Path) -
         assert torch.allclose(latest[k], initial[k], atol=1e-6)
     assert not torch.allclose(latest["features.0.weight"], initial["features.0.weight"], atol=1e-4)
     heads = [
-        torch.load(out / "hospitals" / f"personal-client_{i}.pt", weights_only=True)["entries"][2]
+        torch.load(next((out / "hospitals").glob(f"personal-client_{i}-*.pt")), weights_only=True)[
+            "entries"
+        ][2]
         for i in range(2)
     ]
     assert all(set(h) == {"fc.weight", "fc.bias"} for h in heads)

@@ -322,12 +322,15 @@ class ExperimentConfig:
             for bad, why in (
                 (self.privacy != "none", f"--privacy {self.privacy}"),
                 (self.batched == "on", "--batched on"),
+                (bool(self.score_model), "--score-model"),
+                (self.site_eval_every == 0, "--site-eval-every 0 (its scores are the result)"),
+                (
+                    self.strategy == "pooled" and self.fraction_train != 1.0,
+                    "--fraction-train below 1 (the pooled model sees every image every round)",
+                ),
             ):
                 if bad:
-                    raise ConfigError(
-                        f"--strategy {self.strategy} cannot be combined with {why} yet: "
-                        "use a shared-model strategy (fedavg, fedprox...) for it"
-                    )
+                    raise ConfigError(f"--strategy {self.strategy} cannot be combined with {why}")
         if self.score_model and self.privacy != "none":
             raise ConfigError(
                 f"--score-model trains nothing, so --privacy {self.privacy} has nothing to "

@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from medbloom.config import ExperimentConfig
+from medbloom.config import NO_GLOBAL_MODEL, ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.experiment import ClientData, TensorSplit, client_data
 from medbloom.federation.wire import Layout
@@ -39,6 +39,10 @@ from medbloom.training import (
     state_arrays,
     train_local,
 )
+
+# Ditto's personal model and FedAvg+FT's fine-tuning draw from seeds of their own, apart
+# from the hospitals' seeds of the same round (client_seed of partition k + 1 is seed + 1)
+PERSONAL_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 _MODELS: dict[tuple[str, str, int, str, str], nn.Module] = {}
 
@@ -180,52 +184,58 @@ class Hospital:
         config = msg.content.config_records["config"]
         server_round = int(cast(int, config.get("server-round", 0)))
         scoring = bool(config.get("site-eval")) and len(data.val) > 0
-        # before training: how the global model does on this hospital's own patients
-        site = _scores(model, data.val, data.spec.task, device, amp) if scoring else {}
         seed = client_seed(cfg.seed, server_round, self.pid)
+        personal_seed = (seed + PERSONAL_SEED_OFFSET) % 2**63
         privacy: dict[str, float] = {}
         received = OrderedDict((k, v.clone()) for k, v in state_arrays(model).items())
         keys = private_keys(cfg.strategy, model, list(received))
         keeps = cfg.strategy in ("local", "fedper", "fedbn", "ditto")
         store = self.personal_store() if keeps else None
-        personal_model: nn.Module | None = None  # scored as this hospital's own model
+        # Every score here is taken before this round's training, of the models as they
+        # stood after the last round: the global model received (aggregated last round)
+        # and the model this hospital uses, so every strategy is scored a round behind
+        # alike. Strategies without a global model score only the hospital's own.
+        global_model = cfg.strategy not in NO_GLOBAL_MODEL
+        site = {}
+        if scoring and global_model:
+            site = _scores(model, data.val, data.spec.task, device, amp)
+        personal: dict[str, float] = {}
         if cfg.privacy == "sample":
             result, privacy = self._train_private(model, server_round, seed, device)
         elif cfg.strategy == "ditto":
             assert store is not None
             anchor = [p.detach().clone() for p in model.parameters()]
-            personal_model = copy.deepcopy(model)
-            load_arrays(personal_model, store.before(server_round) or received)
+            own = copy.deepcopy(model)
+            load_arrays(own, store.before(server_round) or received)
+            if scoring:
+                personal = _scores(own, data.val, data.spec.task, device, amp, "personal_")
             result = self._fit(model, server_round, seed, device, amp, config)
             self._fit(
-                personal_model, server_round, seed + 1, device, amp, config,
+                own, server_round, personal_seed, device, amp, config,
                 proximal_mu=cfg.ditto_lambda, proximal_to=anchor,
             )  # fmt: skip
-            store.save(server_round, state_arrays(personal_model))
+            store.save(server_round, state_arrays(own))
         elif cfg.strategy == "fedavg-ft":
-            tuned = copy.deepcopy(model) if scoring else None
-            result = self._fit(model, server_round, seed, device, amp, config)
-            if tuned is not None:
+            if scoring:  # the global model received, fine-tuned here, then scored
+                tuned = copy.deepcopy(model)
                 self._fit(
-                    tuned, server_round, seed + 1, device, amp, config,
+                    tuned, server_round, personal_seed, device, amp, config,
                     epochs=cfg.finetune_epochs,
                 )  # fmt: skip
-                personal_model = tuned
+                personal = _scores(tuned, data.val, data.spec.task, device, amp, "personal_")
+            result = self._fit(model, server_round, seed, device, amp, config)
         else:
             saved = store.before(server_round) if store is not None else None
             if saved is not None:
                 load_arrays(model, {**received, **saved})
+            if scoring and store is not None:
+                personal = _scores(model, data.val, data.spec.task, device, amp, "personal_")
+            elif scoring:  # the model this hospital uses is the global one
+                personal = as_personal(site)
             result = self._fit(model, server_round, seed, device, amp, config)
             if store is not None:
                 trained = state_arrays(model)
                 store.save(server_round, {k: trained[k] for k in keys})
-                personal_model = model
-        if not scoring:
-            personal = {}
-        elif personal_model is None:
-            personal = as_personal(site)
-        else:
-            personal = _scores(personal_model, data.val, data.spec.task, device, amp, "personal_")
         # With DP-SGD the training loss and accuracy stay here: they are computed on the
         # training images without noise, outside the guarantee the hospital states.
         private = cfg.privacy != "none"
@@ -255,14 +265,16 @@ class Hospital:
         return Message(content=content, reply_to=msg)
 
     def personal_store(self) -> PersonalStore:
-        """This hospital's personal parameters in this run (see :class:`PersonalStore`)."""
-        cfg = self.cfg
+        """This hospital's personal parameters in this run (see :class:`PersonalStore`):
+        a file named by the hospital and a digest of the run's settings, so that two
+        runs sharing a state folder never touch each other's file."""
+        import hashlib
+        import json
+
+        settings = json.dumps(self.cfg.to_run_config(), sort_keys=True, default=str)
+        run = hashlib.sha256(settings.encode()).hexdigest()[:12]
         name = f"client_{self.pid}" if self.pid >= 0 else "own-data"
-        run = "|".join(
-            str(v)
-            for v in (cfg.out, cfg.dataset, cfg.size, cfg.model, cfg.strategy, cfg.seed, self.pid)
-        )
-        return PersonalStore(self.state_dir() / f"personal-{name}.pt", run)
+        return PersonalStore(self.state_dir() / f"personal-{name}-{run}.pt", run)
 
     def _fit(
         self,

@@ -567,6 +567,14 @@ class PooledTrainer:
         load_arrays(self.model, self.layout.unpack(arrays))
         device = resolve_device(cfg.device)
         amp = resolve_precision(cfg.precision, device)
+        # as the hospitals of the other strategies do: the model of the last round, on
+        # each hospital's validation split, before this round's training
+        scores = [
+            _scores(self.model, site.val, spec.task, device, amp)
+            if len(site.val) and site_eval
+            else {}
+            for site in self.sites
+        ]
         result = train_local(
             self.model,
             self.x,
@@ -585,9 +593,7 @@ class PooledTrainer:
         )
         rows = []
         seconds = time.monotonic() - started
-        for pid, site in enumerate(self.sites):
-            scored = len(site.val) and site_eval
-            scores = _scores(self.model, site.val, spec.task, device, amp) if scored else {}
+        for pid, (site, scored) in enumerate(zip(self.sites, scores, strict=True)):
             rows.append(
                 {
                     "round": server_round,
@@ -600,8 +606,8 @@ class PooledTrainer:
                     "train_accuracy": result.train_accuracy,
                     "lr": cfg.round_lr(server_round),
                     "seconds": seconds,
-                    **scores,
-                    **as_personal(scores),
+                    **scored,
+                    **as_personal(scored),
                 }
             )
         metrics = {"train_loss": result.train_loss, "train_accuracy": result.train_accuracy}
