@@ -26,13 +26,9 @@ from medbloom.config import ExperimentConfig
 from medbloom.data.registry import spec_of
 from medbloom.experiment import initial_model, prepare_run
 from medbloom.federation.client_app import PERSONAL_SEED_OFFSET, Hospital
-from medbloom.federation.server_app import (
-    MIN_SITE_IMAGES,
-    _private_check,
-    personal_spread,
-)
+from medbloom.federation.server_app import _private_check, personal_spread
 from medbloom.federation.wire import Layout
-from medbloom.personal import PersonalStore, private_keys
+from medbloom.personal import MIN_SITE_IMAGES, PersonalStore, private_keys
 from medbloom.training import client_seed, load_arrays, predict, state_arrays
 from synthetic import write_npz
 

@@ -240,7 +240,7 @@ def scored_lines(run_dir: Path) -> list[str]:
 def site_lines(row: dict[str, Any]) -> list[str]:
     """The hospitals' own scores in a metrics row: the model each hospital uses (its
     personal model, or the global one) on its own validation split."""
-    from medbloom.federation.server_app import MIN_SITE_IMAGES
+    from medbloom.personal import MIN_SITE_IMAGES
 
     small = row.get("small_sites")
     if not _finite(row.get("personal_mean_accuracy")):

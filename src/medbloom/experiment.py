@@ -358,10 +358,10 @@ def prepare_run(
         from medbloom.privacy import check_model
 
         check_model(model, resolve_model(cfg.model, cfg.dataset, size))
-    if cfg.strategy in ("fedper", "fedbn"):
-        from medbloom.personal import private_keys
+    from medbloom.personal import private_keys
 
-        private_keys(cfg.strategy, model, list(state_arrays(model)))
+    # fedper and fedbn on a model they cannot split: a one-line error before anything
+    private_keys(cfg.strategy, model, list(state_arrays(model)))
     build_strategy(cfg)
     resolve_device(cfg.device)
     # config.json records what runs: the size, model, schedule and augmentation that 0 and

@@ -27,6 +27,14 @@ log = logging.getLogger("medbloom")
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+# the strategies whose hospitals keep parameters from round to round (a PersonalStore)
+KEEPS_STATE = ("local", "fedper", "fedbn", "ditto")
+
+# A hospital whose local validation split holds fewer images than this says too little
+# about its model (one image is 5 points of ACC): it is counted in ``small_sites`` and
+# left out of the personal mean, median and worst, not silently averaged in.
+MIN_SITE_IMAGES = 20
+
 
 def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, BATCH_NORMS) for m in model.modules())

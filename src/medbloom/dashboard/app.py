@@ -330,16 +330,7 @@ def show_own_models(run: RunData, clients: pd.DataFrame) -> None:
     if data.empty:
         st.caption("No hospital has scored its own model yet.")
         return
-    st.altair_chart(
-        line_chart(
-            data,
-            title="",
-            y_title="own model ACC",
-            color="line",
-            legend="right" if data["line"].nunique() <= 30 else None,
-        ),
-        width="stretch",
-    )
+    _hospital_lines_chart(data, "own model ACC")
 
 
 def config_frame(run: RunData) -> pd.DataFrame:
@@ -750,11 +741,17 @@ def show_sites(run: RunData, clients: pd.DataFrame) -> None:
             f"**{by_line['worst hospital']:.3f}**, median {by_line['median hospital']:.3f} "
             "(the global model each sampled hospital received, before it trained)."
         )
+    _hospital_lines_chart(data, "site ACC")
+
+
+def _hospital_lines_chart(data: pd.DataFrame, y_title: str) -> None:
+    """One line per hospital (and per summary line) over the rounds; a legend while
+    there are at most 30 lines."""
     st.altair_chart(
         line_chart(
             data,
             title="",
-            y_title="site ACC",
+            y_title=y_title,
             color="line",
             legend="right" if data["line"].nunique() <= 30 else None,
         ),

@@ -23,7 +23,7 @@ from medbloom.experiment import ClientData, TensorSplit, client_data
 from medbloom.federation.wire import Layout
 from medbloom.metrics import evaluate_scores, medmnist_acc
 from medbloom.models import build_model
-from medbloom.personal import PersonalStore, private_keys
+from medbloom.personal import KEEPS_STATE, PersonalStore, private_keys
 from medbloom.privacy import BudgetExceeded, Ledger, Plan, plan_for, train_private
 from medbloom.training import (
     TrainResult,
@@ -97,6 +97,45 @@ def _scores(
         f"{prefix}balanced_accuracy": scores["balanced_accuracy"],
         f"{prefix}loss": loss,
     }
+
+
+def fit(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    train: TensorSplit,
+    weights: torch.Tensor | None,
+    spec: DatasetSpec,
+    server_round: int,
+    seed: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    *,
+    epochs: int | None = None,
+    proximal_mu: float = 0.0,
+    proximal_to: list[torch.Tensor] | None = None,
+) -> TrainResult:
+    """Local training of ``model`` on ``train`` with the run's recipe for
+    ``server_round`` (optimizer, learning rate, batch size, augmentation, class
+    ``weights``); ``epochs`` defaults to ``--local-epochs``. A hospital's training and
+    the pooled baseline's both come through here."""
+    return train_local(
+        model,
+        train.x,
+        train.y,
+        task=spec.task,
+        epochs=epochs or cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer_name(),
+        lr=cfg.round_lr(server_round),
+        weight_decay=cfg.weight_decay,
+        weights=weights,
+        proximal_mu=proximal_mu,
+        proximal_to=proximal_to,
+        seed=seed,
+        device=device,
+        amp_dtype=amp,
+        augment=_augmenter(cfg.augmentation(), spec),
+    )
 
 
 def as_personal(site: Mapping[str, float]) -> dict[str, float]:
@@ -187,10 +226,12 @@ class Hospital:
         seed = client_seed(cfg.seed, server_round, self.pid)
         personal_seed = (seed + PERSONAL_SEED_OFFSET) % 2**63
         privacy: dict[str, float] = {}
-        received = OrderedDict((k, v.clone()) for k, v in state_arrays(model).items())
-        keys = private_keys(cfg.strategy, model, list(received))
-        keeps = cfg.strategy in ("local", "fedper", "fedbn", "ditto")
-        store = self.personal_store() if keeps else None
+        keys = private_keys(cfg.strategy, model, list(state_arrays(model)))
+        store = self.personal_store() if cfg.strategy in KEEPS_STATE else None
+        # the global values received, where this hospital keeps some of its own
+        received: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if store is not None:
+            received = OrderedDict((k, v.clone()) for k, v in state_arrays(model).items())
         # Every score here is taken before this round's training, of the models as they
         # stood after the last round: the global model received (aggregated last round)
         # and the model this hospital uses, so every strategy is scored a round behind
@@ -290,27 +331,13 @@ class Hospital:
     ) -> TrainResult:
         """Local training of ``model`` on this hospital's training images with the
         run's recipe (FedProx's term where the strategy asks for it)."""
-        cfg, data = self.cfg, self.data
+        data = self.data
         if proximal_mu is None:
             proximal_mu = float(cast(float, config.get("proximal-mu", 0.0)))
-        return train_local(
-            model,
-            data.train.x,
-            data.train.y,
-            task=data.spec.task,
-            epochs=epochs or cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            optimizer=cfg.optimizer_name(),
-            lr=cfg.round_lr(server_round),
-            weight_decay=cfg.weight_decay,
-            weights=data.weights,
-            proximal_mu=proximal_mu,
-            proximal_to=proximal_to,
-            seed=seed,
-            device=device,
-            amp_dtype=amp,
-            augment=_augmenter(cfg.augmentation(), data.spec),
-        )
+        return fit(
+            self.cfg, model, data.train, data.weights, data.spec, server_round, seed,
+            device, amp, epochs=epochs, proximal_mu=proximal_mu, proximal_to=proximal_to,
+        )  # fmt: skip
 
     def _received_model(
         self, msg: Message

@@ -48,7 +48,7 @@ from medbloom.metrics import (
     evaluate_scores,
     per_class_report,
 )
-from medbloom.personal import private_keys
+from medbloom.personal import MIN_SITE_IMAGES, private_keys
 from medbloom.runs import RunRecorder, attach_log_file, detach_log_file, load_checkpoint
 from medbloom.system import ablated, usable_cpus
 from medbloom.training import (
@@ -476,12 +476,6 @@ def sort_replies(
     return out
 
 
-# A hospital whose local validation split holds fewer images than this says too little
-# about its model (one image is 5 points of ACC): it is counted in ``small_sites`` and
-# left out of the personal mean, median and worst, not silently averaged in.
-MIN_SITE_IMAGES = 20
-
-
 def personal_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Over the hospitals that scored the model they use (``personal_*``: their own
     model, or the global one where a strategy has no personal parameters) on their own
@@ -549,18 +543,22 @@ class PooledTrainer:
 
         self.cfg = cfg
         self.sites = [client_data(cfg, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
-        self.x = torch.cat([d.train.x for d in self.sites])
-        self.y = torch.cat([d.train.y for d in self.sites])
-        labels = np.concatenate([d.train.labels for d in self.sites])
-        self.weights = class_weights(labels, evaluator.spec.num_classes, cfg.class_weighting)
+        self.train_split = TensorSplit(
+            torch.cat([d.train.x for d in self.sites]),
+            torch.cat([d.train.y for d in self.sites]),
+            np.concatenate([d.train.labels for d in self.sites]),
+        )
+        self.weights = class_weights(
+            self.train_split.labels, evaluator.spec.num_classes, cfg.class_weighting
+        )
         self.model = initial_model(cfg, evaluator.spec)
         self.layout = evaluator.layout
 
     def train(
         self, server_round: int, arrays: ArrayRecord, site_eval: bool
     ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
-        from medbloom.federation.client_app import _augmenter, _scores, as_personal
-        from medbloom.training import client_seed, train_local
+        from medbloom.federation.client_app import _scores, as_personal, fit
+        from medbloom.training import client_seed
 
         cfg, spec = self.cfg, self.sites[0].spec
         started = time.monotonic()
@@ -575,21 +573,9 @@ class PooledTrainer:
             else {}
             for site in self.sites
         ]
-        result = train_local(
-            self.model,
-            self.x,
-            self.y,
-            task=spec.task,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            optimizer=cfg.optimizer_name(),
-            lr=cfg.round_lr(server_round),
-            weight_decay=cfg.weight_decay,
-            weights=self.weights,
-            seed=client_seed(cfg.seed, server_round, 0),
-            device=device,
-            amp_dtype=amp,
-            augment=_augmenter(cfg.augmentation(), spec),
+        seed = client_seed(cfg.seed, server_round, 0)
+        result = fit(
+            cfg, self.model, self.train_split, self.weights, spec, server_round, seed, device, amp
         )
         rows = []
         seconds = time.monotonic() - started
@@ -790,17 +776,13 @@ def run_federation(
                 "elapsed_seconds": done - started,
             }
             _record(recorder, row, state, flat, on_round, cfg, evaluator.last_report, strategy)
-        if global_model:
-            recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
-            recorder.calibration = _calibration(evaluator, run_dir)
+        _closing_scores(evaluator, recorder, cfg, run_dir)
         status = "finished"
         return row
     except RunInterrupted as exc:
         status, error = "interrupted", str(exc)
         log.warning("run interrupted after %d recorded rounds", max(recorder.rows - 1, 0))
-        if cfg.strategy not in NO_GLOBAL_MODEL:
-            recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
-            recorder.calibration = _calibration(evaluator, run_dir)
+        _closing_scores(evaluator, recorder, cfg, run_dir)
         raise
     except BaseException as exc:
         # a full disk says which file and why, without the exception's class name
@@ -819,6 +801,16 @@ def run_federation(
         finally:
             recorder.close(status, error)
             detach_log_file(handler)
+
+
+def _closing_scores(
+    evaluator: Evaluator, recorder: RunRecorder, cfg: ExperimentConfig, run_dir: Path
+) -> None:
+    """When a run ends (finished or stopped): the final and best models' intervals and
+    calibration, for strategies that have a global model to score."""
+    if cfg.strategy not in NO_GLOBAL_MODEL:
+        recorder.intervals = _intervals(evaluator, run_dir, cfg.seed)
+        recorder.calibration = _calibration(evaluator, run_dir)
 
 
 def _open_records(
