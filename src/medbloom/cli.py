@@ -25,6 +25,8 @@ EPILOG = "Errors you can fix exit with code 2 and a one-line message."
 
 # Other names a flag answers to (the Brain Tumor MRI step calls the size --image-size).
 ALIASES = {"size": ("--image-size",)}
+# Flags that mean a value when given alone (--secure-aggregation: on).
+BARE = {"secure_aggregation": "on"}
 
 
 def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
@@ -37,6 +39,7 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
         # The choices go into the help text, not argparse's `choices=`, so that a bad
         # value gets medbloom's one-line error naming what was expected.
         listed = f"; one of: {', '.join(choices)}" if choices else ""
+        bare: dict[str, Any] = {"nargs": "?", "const": BARE[f.name]} if f.name in BARE else {}
         p.add_argument(
             f"--{ExperimentConfig.flag(f.name)}",
             *ALIASES.get(f.name, ()),
@@ -45,6 +48,7 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
             default=None,
             metavar=kind.upper(),
             help=f"{f.metadata['help']}{listed} (default: {f.default!r})",
+            **bare,
         )
 
 

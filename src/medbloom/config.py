@@ -54,6 +54,9 @@ LR_SCHEDULES = ("auto", "constant", "cosine")
 DEDUP = ("none", "exact", "near")
 AUDIT = ("on", "off")
 PRIVACY = ("none", "sample", "hospital")
+SECURE = ("off", "on")
+# strategies that need each hospital's update on its own, which secure aggregation hides
+NEEDS_EACH_UPDATE = ("fedmedian", "fedtrimmedavg", "krum")
 # medbloom.data.audit.DEFAULT_THRESHOLD and MAX_THRESHOLD (not imported: the config
 # module stays free of numpy and the data code)
 DUP_THRESHOLD = 16
@@ -188,6 +191,19 @@ class ExperimentConfig:
         1.0,
         "largest L2 norm of one image's gradient (--privacy sample), of one hospital's "
         "update (--privacy hospital)",
+    )
+    secure_aggregation: str = _knob(
+        "off",
+        "on: secure aggregation (SecAgg+, Flower's secaggplus_mod at every hospital): the "
+        "server receives only masked updates and recovers only their weighted sum; "
+        "--secure-aggregation alone means on",
+        SECURE,
+    )
+    secagg_threshold: int = _knob(
+        0,
+        "secure aggregation: fewest hospitals whose key shares unmask a round's sum (fewer "
+        "colluding with the server learn nothing beyond it); 0: a majority of the "
+        "hospitals sampled, at least 2",
     )
     fraction_train: float = _knob(1.0, "fraction of clients sampled each round, in (0, 1]")
     proximal_mu: float = _knob(0.01, "FedProx proximal term weight (strategy fedprox)")
@@ -331,6 +347,8 @@ class ExperimentConfig:
             ):
                 if bad:
                     raise ConfigError(f"--strategy {self.strategy} cannot be combined with {why}")
+        if self.secure_aggregation == "on":
+            self._check_secure()
         if self.score_model and self.privacy != "none":
             raise ConfigError(
                 f"--score-model trains nothing, so --privacy {self.privacy} has nothing to "
@@ -357,6 +375,36 @@ class ExperimentConfig:
                     f"expected {expected}"
                 )
         return self
+
+    def _check_secure(self) -> None:
+        for bad, why in (
+            (self.strategy in NEEDS_EACH_UPDATE, f"--strategy {self.strategy}, which needs "
+             "each hospital's update on its own; use fedavg, fedprox, fedadam, fedyogi or "
+             "fedavgm"),
+            (self.strategy in ("local", "pooled"), f"--strategy {self.strategy}, which "
+             "aggregates nothing"),
+            (self.privacy == "hospital", "--privacy hospital, whose server-side clipping "
+             "needs each hospital's update on its own; use --privacy sample"),
+            (self.batched == "on", "--batched on, which trains every hospital in the "
+             "server's process"),
+            (bool(self.score_model), "--score-model, which trains nothing"),
+            (self.num_clients < 2, "--num-clients below 2 (a sum of one update is the update)"),
+        ):  # fmt: skip
+            if bad:
+                raise ConfigError(f"--secure-aggregation cannot be combined with {why}")
+        if self.secagg_threshold != 0 and not 2 <= self.secagg_threshold <= self.num_clients:
+            raise ConfigError(
+                f"--secagg-threshold {self.secagg_threshold} is out of range: expected 0 "
+                f"(auto) or a number of hospitals in 2..{self.num_clients}"
+            )
+
+    def secure_threshold(self) -> int:
+        """The hospitals whose shares unmask a round's sum (``--secagg-threshold``, or a
+        majority of those a round samples, at least 2)."""
+        if self.secagg_threshold:
+            return self.secagg_threshold
+        sampled = max(1, int(self.num_clients * self.fraction_train))
+        return max(2, sampled // 2 + 1)
 
     # ------------------------------------------------------------ conversions
     @classmethod

@@ -20,7 +20,8 @@ from torch import nn
 from medbloom.config import NO_GLOBAL_MODEL, ExperimentConfig
 from medbloom.data.types import DatasetSpec
 from medbloom.experiment import ClientData, TensorSplit, client_data
-from medbloom.federation.wire import Layout
+from medbloom.federation import secure
+from medbloom.federation.wire import Layout, flat_values
 from medbloom.metrics import evaluate_scores, medmnist_acc
 from medbloom.models import build_model
 from medbloom.personal import KEEPS_STATE, PersonalStore, private_keys
@@ -302,7 +303,19 @@ class Hospital:
         sent = state_arrays(model)
         if keys:  # what stays here goes back as the global values received
             sent = OrderedDict((k, received[k] if k in keys else v) for k, v in sent.items())
-        content = RecordDict({"arrays": layout.pack(sent), "metrics": MetricRecord(metrics)})
+        packed = layout.pack(sent)
+        content = RecordDict({"arrays": packed})
+        if secure.RECORD in msg.content.config_records:
+            # secure aggregation: Flower's secaggplus_mod masks this update and takes
+            # every array record off the reply before it leaves
+            legacy, clipped = secure.masked_update_fields(
+                flat_values(msg.content.array_records["arrays"]), flat_values(packed),
+                result.num_examples, seed,
+            )  # fmt: skip
+            for name, record in legacy.items():
+                content[name] = record
+            metrics["secagg-clipped"] = clipped
+        content["metrics"] = MetricRecord(metrics)
         return Message(content=content, reply_to=msg)
 
     def personal_store(self) -> PersonalStore:
@@ -468,7 +481,7 @@ def make_client_app(
     trains the clients in that order (see :func:`medbloom.experiment.largest_first`).
     The client number is what the node reports and trains on; nothing else changes.
     """
-    app = ClientApp()
+    app = ClientApp(mods=[secure.stages_mod])
 
     def node_config(context: Context) -> Mapping[str, Any]:
         config = dict(context.node_config)
@@ -479,9 +492,15 @@ def make_client_app(
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Say which partition this node holds, so the server can order nodes by
-        client, the same way in every run (node IDs are random)."""
+        client, the same way in every run (node IDs are random); asked (secure
+        aggregation), also how many training images it holds."""
         pid = int(node_config(context).get("partition-id", -1))
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        metrics: dict[str, int | float | list[int] | list[float]] = {"partition-id": pid}
+        if "train-size" in msg.content.config_records:
+            run_cfg = cfg or ExperimentConfig.from_mapping(context.run_config, "run config")
+            hospital = _hospital(run_cfg, context, node_config(context), cfg is not None)
+            metrics["train-size"] = len(hospital.data.train)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -19,7 +19,9 @@ and each depends on how Flower 1.42 is built inside:
   defaults of Flower's pull functions);
 * an error Flower makes up for a reply it could not pull is attributed to the hospital
   (:func:`attribute_error_reply`: the message metadata's private source node);
-* whether a grid is the Simulation Engine's (:func:`is_simulation_grid`).
+* whether a grid is the Simulation Engine's (:func:`is_simulation_grid`);
+* the record layout of a legacy ``FitRes``, which Flower's ``secaggplus_mod`` reads the
+  update to mask from (:func:`legacy_fit_result`: ``flwr.compat``'s converter).
 
 The patches (everything but the worker's task functions, which are imported) are
 applied only on the Flower version they were written for, :data:`FLOWER_VERSION`. On
@@ -345,6 +347,16 @@ def attribute_error_reply(reply: Message, node_id: int) -> None:
     sender: name hospital ``node_id`` instead, so the failure is recorded against it."""
     if reply.has_error() and reply.metadata.src_node_id != node_id and patching():
         reply.metadata.__dict__["_src_node_id"] = node_id
+
+
+def legacy_fit_result(update: list[Any], num_examples: int) -> Any:
+    """A RecordDict holding ``update`` (numpy arrays) and ``num_examples`` as Flower's
+    legacy ``FitRes``, the layout ``secaggplus_mod`` reads a hospital's update from."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples, {})
+    return fitres_to_recorddict(result, keep_input=False)
 
 
 def is_simulation_grid(grid: object) -> bool:

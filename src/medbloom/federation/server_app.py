@@ -276,6 +276,7 @@ class LiveGrid:
         self._grid = grid
         self.suspects = suspects
         self.client_of: dict[int, int] = {}
+        self.train_size: dict[int, int] = {}
 
     def get_node_ids(self) -> list[int]:
         """Live nodes in client order (Flower samples from this list with the
@@ -283,19 +284,25 @@ class LiveGrid:
         live = [n for n in self._grid.get_node_ids() if n not in self.suspects]
         return sorted(live, key=lambda n: (self.client_of.get(n, 1 << 62), n))
 
-    def identify(self, timeout: float, stop: threading.Event | None = None) -> None:
-        """Ask nodes not yet known which client (partition) they are."""
-        unknown = [n for n in self._grid.get_node_ids() if n not in self.client_of]
+    def identify(
+        self, timeout: float, stop: threading.Event | None = None, sizes: bool = False
+    ) -> None:
+        """Ask nodes not yet known which client (partition) they are; with ``sizes``,
+        also how many training images they hold."""
+        known = self.train_size if sizes else self.client_of
+        unknown = [n for n in self._grid.get_node_ids() if n not in known]
         if not unknown:
             return
-        messages = [
-            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
-        ]
+        ask = RecordDict({"train-size": ConfigRecord()}) if sizes else RecordDict()
+        messages = [Message(ask, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         replies, _ = exchange(self._grid, messages, timeout, stop)
         for reply in replies:
             if not reply.has_error() and "metrics" in reply.content.metric_records:
-                pid = int(_num(reply.content.metric_records["metrics"]["partition-id"]))
+                metrics = reply.content.metric_records["metrics"]
+                pid = int(_num(metrics["partition-id"]))
                 self.client_of[reply.metadata.src_node_id] = pid
+                if "train-size" in metrics:
+                    self.train_size[reply.metadata.src_node_id] = int(_num(metrics["train-size"]))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -411,10 +418,12 @@ def sort_replies(
     reference: dict[str, tuple[int, ...]],
     node_to_client: dict[int, int],
     check: Callable[[Message], str | None] | None = None,
+    refused: dict[int, str] | None = None,
 ) -> RoundOutcome:
     """Split a round's replies into usable updates and failures, one record row each.
 
-    ``check`` may reject a well-formed reply (it returns the reason)."""
+    ``check`` may reject a well-formed reply (it returns the reason); the replies of
+    nodes in ``refused`` are rejected for the reason given there."""
     out = RoundOutcome([], [], [])
 
     def failure(node: int, status: str, reason: str) -> None:
@@ -437,6 +446,9 @@ def sort_replies(
         node = reply.metadata.src_node_id
         if reply.has_error():
             failure(node, "failed", error_summary(reply.error.reason or ""))
+            continue
+        if refused and node in refused:
+            failure(node, "rejected", refused[node])
             continue
         problem = check_update(reply, reference) or (check(reply) if check else None)
         m = reply.content.metric_records.get("metrics")
@@ -474,6 +486,49 @@ def sort_replies(
     for node in missing:
         failure(node, "timeout", "no reply within --round-timeout")
     return out
+
+
+def _secure_round(
+    grid: Grid,
+    messages: list[Message],
+    cfg: ExperimentConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    live: LiveGrid,
+    stop: threading.Event | None,
+) -> tuple[list[Message], list[int], dict[int, str] | None]:
+    """One round's exchange under secure aggregation (:mod:`medbloom.federation.secure`):
+    the replies (each surviving hospital's carries the new global weights in place of
+    its update, which the server never sees), the nodes that did not answer, and, where
+    the sum could not be unmasked, the reason for each node still alive."""
+    from medbloom.federation.secure import SecureRound
+
+    nodes = [m.metadata.dst_node_id for m in messages]
+    max_weight = max((live.train_size.get(n, 0) for n in nodes), default=0)
+    if max_weight <= 0:
+        raise RuntimeError(
+            f"round {server_round}: the hospitals did not say how many images they hold"
+        )
+    polls = _reply_polls(grid)
+    outcome, _ = SecureRound(
+        lambda msgs, flag: exchange(grid, msgs, cfg.round_timeout, flag, *polls),
+        messages,
+        server_round,
+        cfg.secure_threshold(),
+        max_weight,
+        stop,
+        seed=cfg.seed * 1_000_003 + server_round,
+    ).run(arrays)
+    if outcome.aborted and len(messages) < cfg.secure_threshold():
+        raise RuntimeError(
+            f"round {server_round}: {len(messages)} hospitals sampled, fewer than the "
+            f"secure-aggregation threshold of {cfg.secure_threshold()}: raise "
+            "--fraction-train or lower --secagg-threshold"
+        )
+    refused: dict[int, str] | None = None
+    if outcome.aborted:
+        refused = dict.fromkeys(outcome.alive, outcome.aborted)
+    return outcome.replies, outcome.missing, refused
 
 
 def personal_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -654,6 +709,9 @@ def run_federation(
     status, error, disk_failed = "failed", None, False
     live = LiveGrid(grid, set())
     min_clients = min(cfg.min_clients, cfg.num_clients)
+    secure_on = cfg.secure_aggregation == "on"
+    if secure_on:  # a round needs at least the hospitals whose shares unmask its sum
+        min_clients = max(min_clients, cfg.secure_threshold())
     simulated = flower_internals.is_simulation_grid(grid)
     try:
         if ckpt:
@@ -705,7 +763,11 @@ def run_federation(
         for server_round in range(first, cfg.rounds + 1):
             if stop is not None and stop.is_set():
                 raise RunInterrupted("stopped by the user")
-            left_out = f"--min-clients {min_clients}; {len(live.suspects)} failed and were left out"
+            left_out = (
+                f"--min-clients {min_clients}"
+                + (" (the secure-aggregation threshold)" if min_clients > cfg.min_clients else "")
+                + f"; {len(live.suspects)} failed and were left out"
+            )
             if simulated and (left := len(live.get_node_ids())) < min_clients:
                 # A simulation's clients are all there from the start and a failed one
                 # is not asked again: waiting for more could only run into the timeout.
@@ -714,7 +776,7 @@ def run_federation(
                 )
             wait_for_nodes(live, min_clients, cfg.round_timeout, stop, f" ({left_out})")
             t0 = time.monotonic()
-            live.identify(cfg.round_timeout, stop)
+            live.identify(cfg.round_timeout, stop, sizes=secure_on)
             # Flower samples nodes with the global `random` module, which other code in
             # this process also draws from: seeding it per round makes the choice
             # depend on (seed, round, live clients) only, also across a resume.
@@ -732,22 +794,37 @@ def run_federation(
 
                     replies = train_round_batched(list(messages), cfg, live.client_of)
                     missing: list[int] = []
+                    aborted = None
+                elif secure_on:
+                    replies, missing, aborted = _secure_round(
+                        grid, list(messages), cfg, server_round, arrays, live, stop
+                    )
                 else:
                     replies, missing = exchange(
                         grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
                     )
+                    aborted = None
                 check = _private_check(evaluator.layout, arrays, private) if private else None
                 outcome = sort_replies(
-                    server_round, replies, missing, reference, live.client_of, check
-                )
+                    server_round, replies, missing, reference, live.client_of, check,
+                    aborted,
+                )  # fmt: skip
                 live.suspects.update(outcome.failed_nodes)
                 recorder.record_clients(outcome.rows)
-                if not outcome.usable:
+                if not outcome.usable and aborted:
+                    # the sum could not be unmasked: the global model stays as it was,
+                    # and the next round goes on as --min-clients says
+                    log.warning("round %d: %s", server_round, next(iter(aborted.values())))
+                elif not outcome.usable:
                     raise RuntimeError(
                         f"round {server_round}: no client returned a usable update "
                         f"({outcome.summary()}; --round-timeout {cfg.round_timeout:g} s)"
                     )
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, outcome.usable)
+                new_arrays, train_metrics = (
+                    strategy.aggregate_train(server_round, outcome.usable)
+                    if outcome.usable
+                    else (arrays, {})
+                )
                 if new_arrays is None:
                     raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
                 if cfg.strategy == "local":
