@@ -11,6 +11,9 @@ killed after it shared its keys.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -301,29 +304,89 @@ def test_below_the_threshold_the_round_stops_without_a_sum(protocol: dict[str, A
 # ------------------------------------------------------------------------------ runs
 
 
-def test_a_secure_run_matches_a_plain_one_within_the_quantisation(tmp_path: Path) -> None:
-    """Through Flower's Simulation Engine, end to end: the same seed with and without
-    secure aggregation ends two rounds at the same test scores, near enough."""
-    from medbloom.experiment import prepare_run
-    from medbloom.federation.simulation import run_simulation
+class RecordingGrid:
+    """The Simulation Engine's grid, keeping every reply the server pulls from Flower's
+    LinkState, as it came: (the arrays it held, every byte it carried)."""
 
-    rows = {}
-    for mode in ("off", "on"):
-        cfg = _config(tmp_path, secure_aggregation=mode, rounds=2, out=str(tmp_path / mode))
-        cfg = cfg.replace(secagg_threshold=0) if mode == "off" else cfg
-        run_dir = prepare_run(cfg)
-        run_simulation(cfg, run_dir)
-        rows[mode] = (run_dir / "metrics.csv").read_text().splitlines()
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "finished"
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+        self.pulled: list[tuple[int, bytes]] = []
+
+    def pull_messages(self, ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(ids))
+        for reply in replies:
+            if reply.has_content():
+                arrays = sum(len(r) for r in reply.content.array_records.values())
+                self.pulled.append((arrays, _payload(reply)))
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _recorded_run(cfg: ExperimentConfig) -> tuple[Path, RecordingGrid]:
+    """``medbloom run`` for ``cfg`` through Flower's Simulation Engine, the ServerApp's
+    grid recorded."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from medbloom.experiment import largest_first, prepare_run
+    from medbloom.federation.client_app import make_client_app
+    from medbloom.federation.server_app import run_federation
+    from medbloom.federation.simulation import backend_config
+
+    run_dir = prepare_run(cfg)
+    app = ServerApp()
+    grids: list[RecordingGrid] = []
+
+    @app.main()
+    def main(grid: Any, context: Context) -> None:
+        grids.append(RecordingGrid(grid))
+        run_federation(grids[0], cfg, run_dir)
+
+    run_simulation(
+        server_app=app,
+        client_app=make_client_app(cfg, slot_order=largest_first(cfg)),
+        num_supernodes=cfg.num_clients,
+        backend_config=backend_config(cfg),
+    )
+    return run_dir, grids[0]
+
+
+def test_a_secure_run_gets_no_update_in_the_clear_and_matches_a_plain_one(tmp_path: Path) -> None:
+    """End to end through Flower's Simulation Engine, the same seed with and without
+    secure aggregation: no reply that reached the server through Flower's LinkState
+    holds a hospital's weights in the clear, and the two runs end two rounds at the same
+    scores, near enough (the quantisation)."""
     import csv
 
-    off = list(csv.DictReader(rows["off"]))
-    on = list(csv.DictReader(rows["on"]))
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = _config(tmp_path, secure_aggregation=mode, rounds=2, out=str(tmp_path / mode))
+        runs[mode] = _recorded_run(cfg.replace(secagg_threshold=0) if mode == "off" else cfg)
+        summary = json.loads((runs[mode][0] / "summary.json").read_text())
+        assert summary["status"] == "finished"
+    plain = [p for arrays, p in runs["off"][1].pulled if arrays]
+    assert len(plain) == 2 * N  # each hospital's weights, each round, in the clear
+    secure = runs["on"][1].pulled
+    assert secure and all(arrays == 0 for arrays, _ in secure)
+    # round 1 trains the same model the same way in both runs: none of the weights the
+    # hospitals sent in the clear is in anything they sent under secure aggregation
+    windows = [w for p in plain for w in _windows(np.frombuffer(p[:8000], np.float32))]
+    assert not any(w in p for _, p in secure for w in windows)
+    off, on = (list(csv.DictReader((runs[m][0] / "metrics.csv").open())) for m in ("off", "on"))
     assert [r["clients_ok"] for r in on[1:]] == [str(N), str(N)]
     for a, b in zip(off[1:], on[1:], strict=True):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), abs=1e-3)
         assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-3)
+    # what each hospital sent a round: the masked update's 64-bit integers for the
+    # 32-bit weights, plus keys and shares
+    sent = {
+        m: [int(r["upload_bytes"]) for r in csv.DictReader((runs[m][0] / "clients.csv").open())]
+        for m in ("off", "on")
+    }
+    assert len(sent["on"]) == 2 * N and min(sent["off"]) > 0
+    assert min(sent["on"]) / max(sent["off"]) > 1.8 and max(sent["on"]) / min(sent["off"]) < 3
 
 
 @pytest.mark.parametrize(
@@ -364,3 +427,91 @@ def test_the_flag_alone_means_on_and_off_is_the_default() -> None:
     assert cfg.secure_threshold() == 4
     assert cfg.replace(fraction_train=0.5).secure_threshold() == 2
     assert cfg.replace(secagg_threshold=6).secure_threshold() == 6
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def _kill_after_keys_shared(run_dir: Path, proc: Any, tmp_path: Path, client: int) -> None:
+    """SIGKILL hospital ``client``'s process once its log says it shared its keys in
+    round 1: it dies before it sends its masked update."""
+    from test_launch import _processes_mentioning
+
+    log = run_dir / "logs" / f"client_{client}.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and "round 1: keys shared" in log.read_text()):
+        assert time.monotonic() < deadline, "hospital never shared its keys"
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    victims = [
+        p for p, args in _processes_mentioning(str(tmp_path)) if f"partition-id={client}" in args
+    ]
+    assert victims, f"hospital {client}'s process not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_path: Path) -> None:
+    from test_launch import _assert_nothing_left, _launch, _rows, _stop
+
+    out = tmp_path / "run"
+    proc = _launch(
+        tmp_path, out, "--num-clients", "3", "--rounds", "2", "--min-clients", "2",
+        "--secure-aggregation", "--secagg-threshold", "2", "--round-timeout", "12",
+        "--secure",  # with TLS and node authentication
+    )  # fmt: skip
+    try:
+        _kill_after_keys_shared(out, proc, tmp_path, 1)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, stdout + stderr
+    rows = _rows(out)
+    assert [(r["round"], r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [
+        ("1", "2", "1"),
+        ("2", "2", "0"),
+    ]
+    assert float(rows[1]["loss"]) != float(rows[0]["loss"])  # round 1 aggregated
+    failed = [r for r in _rows(out, "clients.csv") if r["status"] != "ok"]
+    assert [(r["round"], r["client_id"]) for r in failed] == [("1", "1")]
+    # the survivors sent the shares that removed the dead hospital's masks
+    for i in (0, 2):
+        log = (out / "logs" / f"client_{i}.log").read_text()
+        assert "round 1: shares for unmasking sent" in log
+        assert "round 2: shares for unmasking sent" in log
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
+    _assert_nothing_left(tmp_path)
+
+
+@pytest.mark.slow
+def test_fewer_hospitals_than_the_threshold_fail_cleanly(tmp_path: Path) -> None:
+    from test_launch import _assert_nothing_left, _launch, _rows, _stop
+
+    out = tmp_path / "run"
+    proc = _launch(
+        tmp_path, out, "--num-clients", "3", "--rounds", "3", "--min-clients", "2",
+        "--secure-aggregation", "--secagg-threshold", "3", "--round-timeout", "12",
+    )  # fmt: skip
+    try:
+        _kill_after_keys_shared(out, proc, tmp_path, 1)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1, stdout + stderr
+    rows = _rows(out)
+    # round 1 could not be unmasked: the global model stayed as it was
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert rows[1]["clients_ok"] == "0" and rows[1]["loss"] == rows[0]["loss"]
+    clients = {r["client_id"]: r for r in _rows(out, "clients.csv")}
+    assert clients["1"]["status"] in ("failed", "timeout")
+    for i in ("0", "2"):
+        assert clients[i]["status"] == "rejected"
+        assert "fewer than the threshold of 3" in clients[i]["error"]
+    # round 2 needs the threshold's 3 hospitals: the run stops, saying why, in one line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "secure-aggregation threshold" in summary["error"], summary["error"]
+    assert "Traceback" not in stderr
+    _assert_nothing_left(tmp_path)

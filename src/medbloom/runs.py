@@ -88,6 +88,7 @@ CLIENT_COLUMNS = (
     "local_val_accuracy",
     "epsilon",
     "seconds",
+    "upload_bytes",
     "error",
 )
 PACKAGES = (

@@ -51,6 +51,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from medbloom.federation.wire import payload_bytes
+
 log = logging.getLogger("medbloom")
 
 RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord every secure-aggregation message carries
@@ -119,6 +121,7 @@ class SecureOutcome:
     missing: list[int] = field(default_factory=list)
     aborted: str | None = None
     alive: list[int] = field(default_factory=list)  # answered every stage asked of them
+    sent: dict[int, int] = field(default_factory=dict)  # bytes each node sent, all stages
 
 
 Exchange = Callable[[Iterable[Message], threading.Event | None], tuple[list[Message], list[int]]]
@@ -166,6 +169,7 @@ class SecureRound:
                 self.errors[nid] = reply  # the round loop records why it failed
             else:
                 good[nid] = reply
+                self.out.sent[nid] = self.out.sent.get(nid, 0) + payload_bytes(reply.content)
         self.silent.update(missing)
         self.last.update(good)
         return good

@@ -39,7 +39,7 @@ from medbloom.experiment import (
 )
 from medbloom.federation import flower_internals
 from medbloom.federation.strategies import build_strategy, restore_strategy, strategy_state
-from medbloom.federation.wire import Layout, flat_values
+from medbloom.federation.wire import Layout, flat_values, payload_bytes
 from medbloom.metrics import (
     BOOTSTRAP_LEVEL,
     BOOTSTRAP_RESAMPLES,
@@ -419,11 +419,14 @@ def sort_replies(
     node_to_client: dict[int, int],
     check: Callable[[Message], str | None] | None = None,
     refused: dict[int, str] | None = None,
+    sent: dict[int, int] | None = None,
 ) -> RoundOutcome:
     """Split a round's replies into usable updates and failures, one record row each.
 
     ``check`` may reject a well-formed reply (it returns the reason); the replies of
-    nodes in ``refused`` are rejected for the reason given there."""
+    nodes in ``refused`` are rejected for the reason given there. ``sent``: the bytes
+    each node sent this round, where the replies no longer hold them (secure
+    aggregation); otherwise they are counted here."""
     out = RoundOutcome([], [], [])
 
     def failure(node: int, status: str, reason: str) -> None:
@@ -481,6 +484,7 @@ def sort_replies(
                 "local_val_accuracy": _num(m.get("local_val_accuracy", float("nan"))),
                 "epsilon": _num(m.get("epsilon", float("nan"))),
                 "seconds": _num(m.get("seconds", float("nan"))),
+                "upload_bytes": sent[node] if sent else payload_bytes(reply.content),
             }
         )
     for node in missing:
@@ -496,11 +500,12 @@ def _secure_round(
     arrays: ArrayRecord,
     live: LiveGrid,
     stop: threading.Event | None,
-) -> tuple[list[Message], list[int], dict[int, str] | None]:
+) -> tuple[list[Message], list[int], dict[int, str] | None, dict[int, int]]:
     """One round's exchange under secure aggregation (:mod:`medbloom.federation.secure`):
     the replies (each surviving hospital's carries the new global weights in place of
-    its update, which the server never sees), the nodes that did not answer, and, where
-    the sum could not be unmasked, the reason for each node still alive."""
+    its update, which the server never sees), the nodes that did not answer, where
+    the sum could not be unmasked the reason for each node still alive, and the bytes
+    each node sent over the round's four stages."""
     from medbloom.federation.secure import SecureRound
 
     nodes = [m.metadata.dst_node_id for m in messages]
@@ -528,7 +533,7 @@ def _secure_round(
     refused: dict[int, str] | None = None
     if outcome.aborted:
         refused = dict.fromkeys(outcome.alive, outcome.aborted)
-    return outcome.replies, outcome.missing, refused
+    return outcome.replies, outcome.missing, refused, outcome.sent
 
 
 def personal_spread(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -794,20 +799,20 @@ def run_federation(
 
                     replies = train_round_batched(list(messages), cfg, live.client_of)
                     missing: list[int] = []
-                    aborted = None
+                    aborted, sent = None, None
                 elif secure_on:
-                    replies, missing, aborted = _secure_round(
+                    replies, missing, aborted, sent = _secure_round(
                         grid, list(messages), cfg, server_round, arrays, live, stop
                     )
                 else:
                     replies, missing = exchange(
                         grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
                     )
-                    aborted = None
+                    aborted, sent = None, None
                 check = _private_check(evaluator.layout, arrays, private) if private else None
                 outcome = sort_replies(
                     server_round, replies, missing, reference, live.client_of, check,
-                    aborted,
+                    aborted, sent,
                 )  # fmt: skip
                 live.suspects.update(outcome.failed_nodes)
                 recorder.record_clients(outcome.rows)

@@ -24,14 +24,33 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The bytes a message's records carry: array data, byte strings, strings as UTF-8,
+    8 for each number or flag (what travels, without Flower's framing)."""
+    n = 0
+    for arrays in content.array_records.values():
+        for array in arrays.values():
+            n += len(array.data)
+    values: list[Any] = []
+    for config in content.config_records.values():
+        values.extend(config.values())
+    for metrics in content.metric_records.values():
+        values.extend(metrics.values())
+    for value in values:
+        for v in value if isinstance(value, list) else [value]:
+            n += len(v) if isinstance(v, bytes) else len(v.encode()) if isinstance(v, str) else 8
+    return n
 
 
 def flat_values(arrays: ArrayRecord) -> dict[str, np.ndarray]:
