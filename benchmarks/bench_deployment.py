@@ -7,6 +7,10 @@ difference. Usage:
     .venv/bin/python benchmarks/bench_deployment.py [--quick] [--reps N] [--data-dir DIR]
         [--keep DIR]
 
+``--secure`` compares the deployment with and without ``--secure-aggregation`` instead
+(alternating, ``--reps`` times): median s/round, the ratio, and the median bytes each
+hospital sent a round (``clients.csv``'s ``upload_bytes``).
+
 ``--ablate a,b,c`` also launches, in every repetition, once with each of those
 one-machine heuristics switched off (``MEDBLOOM_ABLATE``; ``a+b`` switches both off in one
 launch), the order rotated from one repetition to the next, and prints each one's median
@@ -37,7 +41,13 @@ DEFAULT_DATA = REPO.parent / "shared" / "datasets"
 
 
 def run(
-    mode: str, out: Path, data_dir: Path, clients: int, rounds: int, ablate: str = ""
+    mode: str,
+    out: Path,
+    data_dir: Path,
+    clients: int,
+    rounds: int,
+    ablate: str = "",
+    extra: tuple[str, ...] = (),
 ) -> tuple[float, list[float]]:
     exe = Path(sys.executable).with_name("medbloom")
     cmd = [
@@ -51,6 +61,7 @@ def run(
         str(rounds),
         "--out",
         str(out),
+        *extra,
     ]
     t0 = time.monotonic()
     env = {**os.environ, "MEDBLOOM_ABLATE": ablate}
@@ -70,9 +81,14 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder")
     parser.add_argument("--ablate", default="", help="heuristics to switch off one at a time")
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 6; --quick 3)")
+    parser.add_argument(
+        "--secure", action="store_true", help="deployment with and without secure aggregation"
+    )
     args = parser.parse_args()
     if args.ablate:
         return ablation(args)
+    if args.secure:
+        return secure(args)
     clients, rounds = (3, 3) if args.quick else (10, 6)
     rounds = args.rounds or rounds
     walls: dict[str, list[float]] = {"run": [], "launch": []}
@@ -112,6 +128,48 @@ def main() -> None:
         f"(ratio {dep_med / sim_med:.2f}; per repetition: "
         + ", ".join(f"{d:+.2f}" for d in diffs)
         + ")"
+    )
+
+
+def _upload(out: Path) -> list[int]:
+    with (out / "clients.csv").open() as fh:
+        return [int(r["upload_bytes"]) for r in csv.DictReader(fh) if r["status"] == "ok"]
+
+
+def secure(args: argparse.Namespace) -> None:
+    """The deployment's seconds per round and bytes per hospital with and without secure
+    aggregation, alternating."""
+    clients, rounds = (3, 3) if args.quick else (10, 6)
+    rounds = args.rounds or rounds
+    arms = {"plain": (), "secure aggregation": ("--secure-aggregation",)}
+    meds: dict[str, list[float]] = {a: [] for a in arms}
+    sent: dict[str, list[int]] = {a: [] for a in arms}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        for rep in range(args.reps):
+            order = list(arms) if rep % 2 == 0 else list(arms)[::-1]
+            for arm in order:
+                out = Path(tmp) / f"launch{rep}-{arm.split()[0]}"
+                _, rounds_s = run("launch", out, args.data_dir, clients, rounds, extra=arms[arm])
+                meds[arm].append(statistics.median(rounds_s[1:]))
+                sent[arm].extend(_upload(out))
+            print(
+                f"repetition {rep + 1}: "
+                + ", ".join(f"{a} {meds[a][-1]:.2f} s/round" for a in arms),
+                flush=True,
+            )
+    med = statistics.median
+    print(f"\nPneumoniaMNIST, {clients} hospitals, {rounds} rounds, `medbloom launch`")
+    print(f"median of {args.reps} repetition(s)\n")
+    print("| deployment | median s/round (rounds 2+) | bytes sent per hospital per round |")
+    print("|---|---|---|")
+    for arm in arms:
+        print(f"| {arm} | {med(meds[arm]):.2f} | {med(sent[arm]):,.0f} |")
+    ratios = [s / p for p, s in zip(meds["plain"], meds["secure aggregation"], strict=True)]
+    print(
+        f"\nsecure / plain: {med(meds['secure aggregation']) / med(meds['plain']):.2f}x the "
+        f"seconds per round (per repetition: {', '.join(f'{r:.2f}' for r in ratios)}), "
+        f"{med(sent['secure aggregation']) / med(sent['plain']):.2f}x the bytes"
     )
 
 

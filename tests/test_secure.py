@@ -385,8 +385,35 @@ def test_a_secure_run_gets_no_update_in_the_clear_and_matches_a_plain_one(tmp_pa
         m: [int(r["upload_bytes"]) for r in csv.DictReader((runs[m][0] / "clients.csv").open())]
         for m in ("off", "on")
     }
+    # the run says what the server saw, where it states its privacy
+    privacy = json.loads((runs["on"][0] / "summary.json").read_text())["privacy"]
+    assert privacy["secure_aggregation"]["threshold"] == THRESHOLD
+    assert "saw only the sum" in (runs["on"][0] / "model_card.md").read_text()
+    assert "no secure aggregation" in (runs["off"][0] / "model_card.md").read_text()
     assert len(sent["on"]) == 2 * N and min(sent["off"]) > 0
     assert min(sent["on"]) / max(sent["off"]) > 1.8 and max(sent["on"]) / min(sent["off"]) < 3
+
+
+def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Masks are drawn afresh each round, but they cancel exactly, and the stochastic
+    rounding is seeded per hospital and round: a round rerun after a resume sends the
+    same sum, so a stopped and resumed run ends where an uninterrupted one does."""
+    from conftest import stop_after_round
+    from medbloom.experiment import prepare_run
+    from medbloom.federation.simulation import run_simulation
+
+    rows = {}
+    for name in ("whole", "resumed"):
+        cfg = _config(tmp_path, rounds=2, out=str(tmp_path / name))
+        run_dir = prepare_run(cfg)
+        if name == "resumed":
+            stop_after_round(cfg, run_dir, 1)
+            run_simulation(cfg, run_dir, resume=True)
+        else:
+            run_simulation(cfg, run_dir)
+        text = (run_dir / "metrics.csv").read_text().splitlines()
+        rows[name] = [ln.split(",")[:5] for ln in text]
+    assert rows["resumed"] == rows["whole"]
 
 
 @pytest.mark.parametrize(

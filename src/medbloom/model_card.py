@@ -236,7 +236,15 @@ def model_card(run_dir: Path) -> str:
     else:
         add("- No formal privacy guarantee: images stayed at the hospitals, but the model "
             "updates they sent can leak information about them.")  # fmt: skip
-    add("- Updates travelled in the clear to the server (no secure aggregation).\n")
+    secure = privacy.get("secure_aggregation")
+    if secure:
+        add(
+            f"- Secure aggregation ({secure.get('protocol')}): the server saw only the sum "
+            f"of the hospitals' updates, unmasked with the key shares of at least "
+            f"{secure.get('threshold')} hospitals; their metrics travelled in the clear.\n"
+        )
+    else:
+        add("- Updates travelled in the clear to the server (no secure aggregation).\n")
 
     add("## Known limits\n")
     limits = [

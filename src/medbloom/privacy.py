@@ -303,6 +303,21 @@ def _hospital_noise(num_clients: int, rounds: int, target_epsilon: float, delta:
 
 def describe(summary_privacy: dict[str, Any] | None) -> str:
     """One line for the closing lines, ``medbloom report`` and the dashboard."""
+    return _describe_dp(summary_privacy) + _describe_secure(summary_privacy)
+
+
+def _describe_secure(summary_privacy: dict[str, Any] | None) -> str:
+    secure = (summary_privacy or {}).get("secure_aggregation")
+    if not secure:
+        return ""
+    return (
+        f"; secure aggregation: the server saw only the sum of the updates, unmasked with "
+        f"the key shares of at least {secure['threshold']} hospitals (their metrics travel "
+        "in the clear)"
+    )
+
+
+def _describe_dp(summary_privacy: dict[str, Any] | None) -> str:
     if not summary_privacy or summary_privacy.get("mode", "none") == "none":
         return "privacy: no formal privacy guarantee (--privacy none)"
     eps = summary_privacy.get("epsilon")

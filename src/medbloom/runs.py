@@ -294,7 +294,17 @@ class RunRecorder:
         return max(self.spent.values(), default=0.0)
 
     def privacy_summary(self) -> dict[str, Any]:
-        """summary.json's ``privacy``: the guarantee, with its unit and delta."""
+        """summary.json's ``privacy``: the guarantee, with its unit and delta, and whether
+        the server saw only the sum of the updates (``secure_aggregation``)."""
+        out = self._dp_summary()
+        if self.cfg.secure_aggregation == "on":
+            out["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower's secaggplus_mod at each hospital)",
+                "threshold": self.cfg.secure_threshold(),
+            }
+        return out
+
+    def _dp_summary(self) -> dict[str, Any]:
         if self.cfg.privacy == "none":
             return {"mode": "none", "guarantee": "no formal privacy guarantee"}
         from medbloom.privacy import ACCOUNTANT, HOSPITAL_ACCOUNTANT
