@@ -182,3 +182,17 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, str
     assert summary["status"] == "finished" and summary["rounds_completed"] == rounds
     lines = (run_dir / "per_class.jsonl").read_text().splitlines()
     assert [json.loads(ln)["round"] for ln in lines] == list(range(rounds + 1))
+
+
+def test_hospital_level_privacy_stops_cleanly_when_a_hospital_is_lost(tmp_path: Path) -> None:
+    """Flower's accountant calibrates the noise for every hospital every round: a round
+    that lost one cannot be released as accounted, so the run stops, saying why."""
+    cfg = _config(tmp_path, "run", num_clients=3, min_clients=1, privacy="hospital", delta=1e-3)
+    run_dir = prepare_run(cfg)
+    with pytest.raises(RuntimeError, match="needs every hospital's update every round"):
+        run_simulation(cfg, run_dir, client_app=_spoiling_client(cfg, {1: "raise"}))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "--resume" in summary["error"]
+    assert summary["rounds_completed"] == 0
+    failed = [r for r in _rows(run_dir, "clients.csv") if r["status"] == "failed"]
+    assert [r["client_id"] for r in failed] == ["1"]

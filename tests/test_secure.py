@@ -534,3 +534,13 @@ def test_fewer_hospitals_than_the_threshold_fail_cleanly(tmp_path: Path) -> None
     assert "secure-aggregation threshold" in summary["error"], summary["error"]
     assert "Traceback" not in stderr
     _assert_nothing_left(tmp_path)
+
+
+def test_the_privacy_line_says_the_server_saw_only_the_sum() -> None:
+    from medbloom.privacy import describe
+
+    plain = describe({"mode": "none"})
+    secure = describe({"mode": "none", "secure_aggregation": {"threshold": 3}})
+    assert "saw only the sum" not in plain
+    assert secure.startswith(plain) and "at least 3 hospitals" in secure
+    assert "metrics travel in the clear" in secure

@@ -816,6 +816,15 @@ def run_federation(
                 )  # fmt: skip
                 live.suspects.update(outcome.failed_nodes)
                 recorder.record_clients(outcome.rows)
+                if cfg.privacy == "hospital" and outcome.failed:
+                    # Flower's accountant calibrates each round's noise for every
+                    # hospital: a round without one cannot be released as accounted
+                    raise RuntimeError(
+                        f"round {server_round}: --privacy hospital needs every hospital's "
+                        f"update every round ({outcome.summary()}); the run stops after "
+                        "its last complete round: resume it (--resume) once every "
+                        "hospital is back"
+                    )
                 if not outcome.usable and aborted:
                     # the sum could not be unmasked: the global model stays as it was,
                     # and the next round goes on as --min-clients says
