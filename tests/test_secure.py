@@ -470,22 +470,37 @@ def _kill_after_keys_shared(run_dir: Path, proc: Any, tmp_path: Path, client: in
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
-def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_path: Path) -> None:
-    from test_launch import _assert_nothing_left, _launch, _rows, _stop
+def _launch_and_kill_one(tmp_path: Path, *flags: str) -> tuple[Path, int, str, str]:
+    """``medbloom launch`` of 3 hospitals under secure aggregation, hospital 1 killed
+    after it shared its keys in round 1; the run directory, exit code and output."""
+    from test_launch import _launch, _stop
 
     out = tmp_path / "run"
     proc = _launch(
-        tmp_path, out, "--num-clients", "3", "--rounds", "2", "--min-clients", "2",
-        "--secure-aggregation", "--secagg-threshold", "2", "--round-timeout", "12",
-        "--secure",  # with TLS and node authentication
+        tmp_path, out, "--num-clients", "3", "--min-clients", "2", "--secure-aggregation",
+        "--round-timeout", "12", *flags,
     )  # fmt: skip
     try:
         _kill_after_keys_shared(out, proc, tmp_path, 1)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         _stop(proc)
-    assert proc.returncode == 0, stdout + stderr
+    return out, proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_path: Path) -> None:
+    from test_launch import _assert_nothing_left, _rows
+
+    out, code, stdout, stderr = _launch_and_kill_one(
+        tmp_path,
+        "--rounds",
+        "2",
+        "--secagg-threshold",
+        "2",
+        "--secure",  # TLS, node keys
+    )
+    assert code == 0, stdout + stderr
     rows = _rows(out)
     assert [(r["round"], r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [
         ("1", "2", "1"),
@@ -506,19 +521,12 @@ def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_pa
 
 @pytest.mark.slow
 def test_fewer_hospitals_than_the_threshold_fail_cleanly(tmp_path: Path) -> None:
-    from test_launch import _assert_nothing_left, _launch, _rows, _stop
+    from test_launch import _assert_nothing_left, _rows
 
-    out = tmp_path / "run"
-    proc = _launch(
-        tmp_path, out, "--num-clients", "3", "--rounds", "3", "--min-clients", "2",
-        "--secure-aggregation", "--secagg-threshold", "3", "--round-timeout", "12",
-    )  # fmt: skip
-    try:
-        _kill_after_keys_shared(out, proc, tmp_path, 1)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        _stop(proc)
-    assert proc.returncode == 1, stdout + stderr
+    out, code, stdout, stderr = _launch_and_kill_one(
+        tmp_path, "--rounds", "3", "--secagg-threshold", "3"
+    )
+    assert code == 1, stdout + stderr
     rows = _rows(out)
     # round 1 could not be unmasked: the global model stayed as it was
     assert [int(r["round"]) for r in rows] == [0, 1]

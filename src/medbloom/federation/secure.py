@@ -112,6 +112,13 @@ def masked_update_fields(
 # ------------------------------------------------------------------------------- server
 
 
+def _pairs(reply: Message, ids: str, blobs: str) -> list[tuple[int, bytes]]:
+    """A stage reply's node IDs under ``ids`` paired with its byte strings under ``blobs``
+    (encrypted shares and where they go, or shares and whose they are)."""
+    record = reply.content.config_records[RECORD]
+    return list(zip(cast(list[int], record[ids]), cast(list[bytes], record[blobs]), strict=True))
+
+
 @dataclass
 class SecureOutcome:
     """One secure round: the replies for the round loop, who did not answer, and why
@@ -239,12 +246,7 @@ class SecureRound:
             return self._abort(shared), None
         forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in shared}
         for src, reply in sorted(shared.items()):
-            record = reply.content.config_records[RECORD]
-            for dst, ciphertext in zip(
-                cast(list[int], record[Key.DESTINATION_LIST]),
-                cast(list[bytes], record[Key.CIPHERTEXT_LIST]),
-                strict=True,
-            ):
+            for dst, ciphertext in _pairs(reply, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST):
                 if dst in forward:
                     forward[dst][0].append(src)
                     forward[dst][1].append(ciphertext)
@@ -299,12 +301,7 @@ class SecureRound:
         shares_in = self._stage({nid: unmask(nid) for nid in sorted(active)})
         shares: dict[int, list[bytes]] = {nid: [] for nid in active | dead}
         for reply in shares_in.values():
-            record = reply.content.config_records[RECORD]
-            for owner, share in zip(
-                cast(list[int], record[Key.NODE_ID_LIST]),
-                cast(list[bytes], record[Key.SHARE_LIST]),
-                strict=True,
-            ):
+            for owner, share in _pairs(reply, Key.NODE_ID_LIST, Key.SHARE_LIST):
                 if owner in shares:
                     shares[owner].append(share)
         short = [nid for nid, s in shares.items() if len(s) < self.threshold]
