@@ -163,7 +163,7 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
             "--stream",
             "-c",
             f"num-clients=2 rounds=2 min-partition-size=5 batch-size=16 "
-            f"data-dir='{server_data}' out='{out}'",
+            f"data-dir='{server_data}' out='{out}' secure-aggregation='on'",
             timeout=300,
         )
         assert run.returncode == 0, run.stdout + run.stderr
@@ -183,6 +183,11 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
             examples = {int(r["num_examples"]) for r in csv.DictReader(fh)}
         # every hospital trained on all of its own training split (minus local validation)
         assert examples == {72}
+        # under secure aggregation: the server saw only the sum of the two updates
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["privacy"]["secure_aggregation"]["threshold"] == 2
+        for log in ("node_0.log", "node_1.log"):
+            assert "round 2: shares for unmasking sent" in (tmp_path / log).read_text()
     except BaseException:
         for log in sorted(tmp_path.glob("*.log")):
             print(f"----- {log.name} -----\n{log.read_text()[-3000:]}")
