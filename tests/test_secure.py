@@ -293,6 +293,47 @@ def test_no_reply_the_server_receives_holds_an_unmasked_update(protocol: dict[st
             assert abs(np.corrcoef(vector, update)[0, 1]) < 0.05
 
 
+def test_dp_sgd_hospitals_mask_their_private_updates(tmp_path: Path) -> None:
+    """With --privacy sample each hospital trains with DP-SGD (Opacus) and masks the
+    private update: the server gets the sum of DP updates and each one's epsilon."""
+    cfg = _config(tmp_path, privacy="sample", delta=1e-3, rounds=2)
+    hospitals = {
+        nid: Hospital(
+            cfg,
+            {"partition-id": k, "num-partitions": N, "state-dir": str(tmp_path / f"h{k}")},
+            simulated=True,
+        )
+        for k, nid in enumerate(NODES)
+    }
+    model = initial_model(cfg, spec_of(cfg.dataset, 28))
+    start = Layout.of(state_arrays(model)).pack(state_arrays(model))
+    got: dict[str, Any] = {}
+
+    def body(grid: Any) -> None:
+        config = ConfigRecord({"server-round": 1, "site-eval": False})
+        tasks = [
+            Message(RecordDict({"arrays": start, "config": config}), dst_node_id=n,
+                    message_type=MessageType.TRAIN, group_id="1")
+            for n in NODES
+        ]  # fmt: skip
+        sizes = [len(h.data.train) for h in hospitals.values()]
+        net = Hospitals(hospitals, {})
+        got["outcome"], got["new"] = SecureRound(
+            net.exchange, tasks, 1, THRESHOLD, max(sizes), seed=1
+        ).run(start)
+        got["received"] = net.received
+
+    _run_in_server_app(cfg, body)
+    outcome, new = got["outcome"], got["new"]
+    assert outcome.aborted is None and new is not None and outcome.alive == sorted(NODES)
+    assert all(arrays == 0 for _, _, arrays, _, _ in got["received"])
+    moved = flat_values(new)["float32"] - flat_values(start)["float32"]
+    assert np.isfinite(moved).all() and np.abs(moved).max() > 0
+    for reply in outcome.replies:
+        metrics = reply.content.metric_records["metrics"]
+        assert 0 < float(metrics["epsilon"]) <= cfg.target_epsilon
+
+
 def test_below_the_threshold_the_round_stops_without_a_sum(protocol: dict[str, Any]) -> None:
     outcome, new, _ = protocol["two die after sharing their keys"]
     assert new is None
