@@ -187,7 +187,7 @@ def test_server_and_hospital_nodes_run_a_secure_federation(tmp_path: Path) -> No
         summary = json.loads((out / "summary.json").read_text())
         assert summary["privacy"]["secure_aggregation"]["threshold"] == 2
         for log in ("node_0.log", "node_1.log"):
-            assert "round 2: shares for unmasking sent" in (tmp_path / log).read_text()
+            assert "round 2: unmasking shares ready" in (tmp_path / log).read_text()
     except BaseException:
         for log in sorted(tmp_path.glob("*.log")):
             print(f"----- {log.name} -----\n{log.read_text()[-3000:]}")

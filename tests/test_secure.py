@@ -492,17 +492,15 @@ def test_the_flag_alone_means_on_and_off_is_the_default() -> None:
 # ---------------------------------------------------------------- real processes
 
 
-def _kill_after_keys_shared(run_dir: Path, proc: Any, tmp_path: Path, client: int) -> None:
-    """SIGKILL hospital ``client``'s process once its log says it shared its keys in
-    round 1: it dies before it sends its masked update."""
+def _kill_when(run_dir: Path, proc: Any, tmp_path: Path, client: int, seen: Any) -> None:
+    """SIGKILL hospital ``client``'s process as soon as ``seen(run_dir)`` is true."""
     from test_launch import _processes_mentioning
 
-    log = run_dir / "logs" / f"client_{client}.log"
     deadline = time.monotonic() + 240
-    while not (log.exists() and "round 1: keys shared" in log.read_text()):
-        assert time.monotonic() < deadline, "hospital never shared its keys"
+    while not seen(run_dir):
+        assert time.monotonic() < deadline, "the moment to kill never came"
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
+        time.sleep(0.005)
     victims = [
         p for p, args in _processes_mentioning(str(tmp_path)) if f"partition-id={client}" in args
     ]
@@ -511,50 +509,77 @@ def _kill_after_keys_shared(run_dir: Path, proc: Any, tmp_path: Path, client: in
         os.kill(pid, signal.SIGKILL)
 
 
-def _launch_and_kill_one(tmp_path: Path, *flags: str) -> tuple[Path, int, str, str]:
-    """``medbloom launch`` of 3 hospitals under secure aggregation, hospital 1 killed
-    after it shared its keys in round 1; the run directory, exit code and output."""
-    from test_launch import _launch, _stop
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _got_masking_task(client: int, nth: int) -> Any:
+    """The hospital has received its ``nth`` training message: under secure aggregation
+    the third of a round is the masking stage's, sent once every hospital's encrypted
+    key shares reached the server. Killed then, it dies after sharing its keys and
+    before sending its masked update (training takes far longer than the kill)."""
+    return lambda run_dir: (
+        _text(run_dir / "logs" / f"client_{client}.log").count("train message received") >= nth
+    )
+
+
+def _server_has_masked_updates(server_round: int) -> Any:
+    """The server has every masked update of ``server_round`` and is about to ask for
+    the unmasking shares (a hospital hears of that a poll later)."""
+    line = f"secure aggregation, round {server_round}: masked updates from"
+    return lambda run_dir: line in _text(run_dir / "logs" / "server.log")
+
+
+def _launch_secure(tmp_path: Path, clients: int, *flags: str) -> tuple[Path, Any]:
+    """``medbloom launch`` of ``clients`` hospitals under secure aggregation."""
+    from test_launch import _launch
 
     out = tmp_path / "run"
     proc = _launch(
-        tmp_path, out, "--num-clients", "3", "--min-clients", "2", "--secure-aggregation",
-        "--round-timeout", "12", *flags,
+        tmp_path, out, "--num-clients", str(clients), "--min-clients", "2",
+        "--secure-aggregation", "--round-timeout", "12", *flags,
     )  # fmt: skip
-    try:
-        _kill_after_keys_shared(out, proc, tmp_path, 1)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        _stop(proc)
-    return out, proc.returncode, stdout, stderr
+    return out, proc
 
 
 @pytest.mark.slow
-def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_path: Path) -> None:
-    from test_launch import _assert_nothing_left, _rows
+def test_hospitals_killed_after_sharing_keys_or_sending_their_update_do_not_stop_a_round(
+    tmp_path: Path,
+) -> None:
+    """Four hospital processes, TLS and node keys. Hospital 1 is killed after it shared
+    its keys in round 1: the round aggregates the other three. In round 2 the first
+    hospital to send its masked update is killed before it can help unmask: its update
+    counts, the two others' shares remove its mask; round 3 goes on without it."""
+    from test_launch import _assert_nothing_left, _rows, _stop
 
-    out, code, stdout, stderr = _launch_and_kill_one(
-        tmp_path,
-        "--rounds",
-        "2",
-        "--secagg-threshold",
-        "2",
-        "--secure",  # TLS, node keys
-    )
-    assert code == 0, stdout + stderr
+    out, proc = _launch_secure(tmp_path, 4, "--rounds", "3", "--secagg-threshold", "2", "--secure")
+    late = 0
+    try:
+        _kill_when(out, proc, tmp_path, 1, _got_masking_task(1, 3))
+        _kill_when(out, proc, tmp_path, late, _server_has_masked_updates(2))
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, stdout + stderr
     rows = _rows(out)
     assert [(r["round"], r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [
-        ("1", "2", "1"),
-        ("2", "2", "0"),
+        ("1", "3", "1"),
+        ("2", "3", "0"),
+        ("3", "2", "1"),
     ]
-    assert float(rows[1]["loss"]) != float(rows[0]["loss"])  # round 1 aggregated
-    failed = [r for r in _rows(out, "clients.csv") if r["status"] != "ok"]
-    assert [(r["round"], r["client_id"]) for r in failed] == [("1", "1")]
-    # the survivors sent the shares that removed the dead hospital's masks
-    for i in (0, 2):
-        log = (out / "logs" / f"client_{i}.log").read_text()
-        assert "round 1: shares for unmasking sent" in log
-        assert "round 2: shares for unmasking sent" in log
+    assert len({r["loss"] for r in rows}) == 4  # every round aggregated
+    failed = [
+        (r["round"], r["client_id"]) for r in _rows(out, "clients.csv") if r["status"] != "ok"
+    ]
+    assert failed == [("1", "1"), ("3", str(late))]
+    logs = {i: (out / "logs" / f"client_{i}.log").read_text() for i in (0, 2, 3)}
+    assert "round 2: masked update ready" in logs[late]
+    assert "round 2: unmasking shares ready" not in logs[late]  # died before unmasking
+    for i in {0, 2, 3} - {late}:
+        assert "round 1: unmasking shares ready" in logs[i]
+        assert "round 3: unmasking shares ready" in logs[i]
+    server = (out / "logs" / "server.log").read_text()
+    assert "round 2: unmasking shares from 2 of 3 hospitals" in server
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
     assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
     _assert_nothing_left(tmp_path)
@@ -562,12 +587,15 @@ def test_a_hospital_killed_after_sharing_its_keys_does_not_stop_the_round(tmp_pa
 
 @pytest.mark.slow
 def test_fewer_hospitals_than_the_threshold_fail_cleanly(tmp_path: Path) -> None:
-    from test_launch import _assert_nothing_left, _rows
+    from test_launch import _assert_nothing_left, _rows, _stop
 
-    out, code, stdout, stderr = _launch_and_kill_one(
-        tmp_path, "--rounds", "3", "--secagg-threshold", "3"
-    )
-    assert code == 1, stdout + stderr
+    out, proc = _launch_secure(tmp_path, 3, "--rounds", "3", "--secagg-threshold", "3")
+    try:
+        _kill_when(out, proc, tmp_path, 1, _got_masking_task(1, 3))
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1, stdout + stderr
     rows = _rows(out)
     # round 1 could not be unmasked: the global model stayed as it was
     assert [int(r["round"]) for r in rows] == [0, 1]

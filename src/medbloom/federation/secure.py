@@ -61,11 +61,19 @@ RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord every secure-aggregation message
 CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 1 << 22
 MODULUS_RANGE = 1 << 32
+# what a hospital's reply to each stage holds (its log says so as the reply leaves), and
+# what the server has once a stage's replies are in
 STAGE_NAMES = {
-    Stage.SETUP: "keys made",
-    Stage.SHARE_KEYS: "keys shared",
-    Stage.COLLECT_MASKED_VECTORS: "masked update sent",
-    Stage.UNMASK: "shares for unmasking sent",
+    Stage.SETUP: "public keys ready",
+    Stage.SHARE_KEYS: "encrypted key shares ready",
+    Stage.COLLECT_MASKED_VECTORS: "masked update ready",
+    Stage.UNMASK: "unmasking shares ready",
+}
+RECEIVED = {
+    Stage.SETUP: "public keys",
+    Stage.SHARE_KEYS: "encrypted key shares",
+    Stage.COLLECT_MASKED_VECTORS: "masked updates",
+    Stage.UNMASK: "unmasking shares",
 }
 
 
@@ -160,7 +168,7 @@ class SecureRound:
         self.silent: set[int] = set()  # nodes that did not answer in time
 
     # -- one exchange ------------------------------------------------------------------
-    def _stage(self, contents: dict[int, RecordDict]) -> dict[int, Message]:
+    def _stage(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         """Send each node its content; keep the good replies, record the rest."""
         messages = [
             Message(
@@ -179,6 +187,10 @@ class SecureRound:
                 self.out.sent[nid] = self.out.sent.get(nid, 0) + payload_bytes(reply.content)
         self.silent.update(missing)
         self.last.update(good)
+        log.info(
+            "secure aggregation, round %d: %s from %d of %d hospitals",
+            self.round, RECEIVED[stage], len(good), len(contents),
+        )  # fmt: skip
         return good
 
     def _finish(self, alive: Iterable[int], replies: dict[int, Message]) -> SecureOutcome:
@@ -222,7 +234,9 @@ class SecureRound:
             Key.MAX_WEIGHT: float(self.max_weight),
         }
         # stage 0: everyone makes two key pairs and sends the public halves
-        keys = self._stage({nid: RecordDict({RECORD: ConfigRecord(settings)}) for nid in sampled})
+        keys = self._stage(
+            Stage.SETUP, {nid: RecordDict({RECORD: ConfigRecord(settings)}) for nid in sampled}
+        )
         public = {
             nid: [
                 cast(bytes, r.content.config_records[RECORD][Key.PUBLIC_KEY_1]),
@@ -241,7 +255,7 @@ class SecureRound:
             record[Key.STAGE] = Stage.SHARE_KEYS
             return RecordDict({RECORD: record})
 
-        shared = self._stage({nid: share_keys(nid) for nid in order})
+        shared = self._stage(Stage.SHARE_KEYS, {nid: share_keys(nid) for nid in order})
         if not self._enough(shared, "while the keys were shared"):
             return self._abort(shared), None
         forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in shared}
@@ -264,7 +278,7 @@ class SecureRound:
             )
             return content
 
-        masked = self._stage({nid: collect(nid) for nid in shared})
+        masked = self._stage(Stage.COLLECT_MASKED_VECTORS, {nid: collect(nid) for nid in shared})
         shapes = [(1,)] + [tuple(a.numpy().shape) for _, a in sorted(global_arrays.items())]
         total: list[np.ndarray] | None = None
         for nid, reply in sorted(masked.items()):
@@ -298,7 +312,7 @@ class SecureRound:
             )
             return RecordDict({RECORD: record})
 
-        shares_in = self._stage({nid: unmask(nid) for nid in sorted(active)})
+        shares_in = self._stage(Stage.UNMASK, {nid: unmask(nid) for nid in sorted(active)})
         shares: dict[int, list[bytes]] = {nid: [] for nid in active | dead}
         for reply in shares_in.values():
             for owner, share in _pairs(reply, Key.NODE_ID_LIST, Key.SHARE_LIST):
