@@ -95,9 +95,17 @@ class Hospitals:
                 continue
             hospital = self.hospitals[nid]
             reply = stages_mod(msg, self.context[nid], lambda m, _c, h=hospital: h.train(m))
+            if (
+                self.gone.get(nid) == "sends a short masked update"
+                and stage == "collect_masked_vectors"
+            ):
+                record = reply.content.config_records[RECORD]
+                record["masked_params"] = record["masked_params"][:-1]
             arrays = sum(len(r) for r in reply.content.array_records.values())
             record = reply.content.config_records.get(RECORD, {})
-            masked = record["masked_params"][1] if "masked_params" in record else None
+            masked = (
+                record["masked_params"][1] if len(record.get("masked_params", [])) > 1 else None
+            )
             self.received.append((nid, reply.has_error(), arrays, _payload(reply), masked))
             replies.append(reply)
         return replies, missing
@@ -137,6 +145,7 @@ SCENARIOS = {
         101: "collect_masked_vectors",
         404: "collect_masked_vectors",
     },
+    "one sends a masked update of the wrong shape": {404: "sends a short masked update"},
 }
 
 
@@ -332,6 +341,21 @@ def test_dp_sgd_hospitals_mask_their_private_updates(tmp_path: Path) -> None:
     for reply in outcome.replies:
         metrics = reply.content.metric_records["metrics"]
         assert 0 < float(metrics["epsilon"]) <= cfg.target_epsilon
+
+
+def test_a_masked_update_of_the_wrong_shape_is_refused_and_its_masks_removed(
+    protocol: dict[str, Any],
+) -> None:
+    """Left out like a hospital lost after sharing its keys (the survivors' shares remove
+    the masks they added for it), and handed to the round loop to be recorded as refused."""
+    outcome, new, _ = protocol["one sends a masked update of the wrong shape"]
+    assert outcome.aborted is None and outcome.alive == [101, 202, 303]
+    assert outcome.rejected == {404: "a masked update of the wrong shape"}
+    assert 404 in [r.metadata.src_node_id for r in outcome.replies]
+    expected = _average(protocol, [101, 202, 303])
+    got = flat_values(new)
+    error = max(np.abs(got[k].astype(np.float64) - expected[k]).max() for k in expected)
+    assert error <= _bound(protocol, [101, 202, 303])
 
 
 def test_below_the_threshold_the_round_stops_without_a_sum(protocol: dict[str, Any]) -> None:

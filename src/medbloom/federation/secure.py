@@ -136,6 +136,7 @@ class SecureOutcome:
     missing: list[int] = field(default_factory=list)
     aborted: str | None = None
     alive: list[int] = field(default_factory=list)  # answered every stage asked of them
+    rejected: dict[int, str] = field(default_factory=dict)  # answered, but unusably: why
     sent: dict[int, int] = field(default_factory=dict)  # bytes each node sent, all stages
 
 
@@ -166,6 +167,7 @@ class SecureRound:
         self.last: dict[int, Message] = {}  # each node's latest good reply
         self.errors: dict[int, Message] = {}  # error replies, by node
         self.silent: set[int] = set()  # nodes that did not answer in time
+        self.rejected: dict[int, Message] = {}  # an unusable reply, by node
 
     # -- one exchange ------------------------------------------------------------------
     def _stage(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
@@ -199,6 +201,7 @@ class SecureRound:
         self.out.alive = sorted(alive)
         kept = set(self.out.alive)
         self.out.replies = [m for n, m in sorted(self.errors.items()) if n not in kept]
+        self.out.replies += [m for n, m in sorted(self.rejected.items()) if n not in kept]
         self.out.replies += [replies[n] for n in self.out.alive if n in replies]
         self.out.missing = sorted(self.silent - kept - set(self.errors))
         return self.out
@@ -268,7 +271,7 @@ class SecureRound:
         # stage 2: everyone gets its shares and the training task; trains, masks, sends
         def collect(nid: int) -> RecordDict:
             task = self.train[nid].content
-            content = RecordDict({**dict(task.items())})
+            content = RecordDict(dict(task.items()))
             content[RECORD] = ConfigRecord(
                 {
                     Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
@@ -289,13 +292,12 @@ class SecureRound:
                 )
             ]
             if [v.shape for v in vector] != shapes:
-                log.warning(
-                    "round %d: node %s sent a masked update of the wrong shape", self.round, nid
-                )
-                del masked[nid]
+                # left out like a hospital lost here: the survivors' shares remove its masks
+                self.out.rejected[nid] = "a masked update of the wrong shape"
+                self.rejected[nid] = masked.pop(nid)
                 continue
             total = vector if total is None else parameters_addition(total, vector)
-        if total is None or not self._enough(masked, "after the masked updates"):
+        if not self._enough(masked, "after the masked updates") or total is None:
             return self._abort(masked), None
         total = parameters_mod(total, MODULUS_RANGE)
         # stage 3: the survivors send the shares that remove every mask

@@ -500,12 +500,13 @@ def _secure_round(
     arrays: ArrayRecord,
     live: LiveGrid,
     stop: threading.Event | None,
-) -> tuple[list[Message], list[int], dict[int, str] | None, dict[int, int]]:
+) -> tuple[list[Message], list[int], dict[int, str], dict[int, int]]:
     """One round's exchange under secure aggregation (:mod:`medbloom.federation.secure`):
     the replies (each surviving hospital's carries the new global weights in place of
-    its update, which the server never sees), the nodes that did not answer, where
-    the sum could not be unmasked the reason for each node still alive, and the bytes
-    each node sent over the round's four stages."""
+    its update, which the server never sees), the nodes that did not answer, why each
+    node whose reply cannot count was refused (an unusable masked update; every node
+    still alive where the sum could not be unmasked), and the bytes each node sent over
+    the round's four stages."""
     from medbloom.federation.secure import SecureRound
 
     nodes = [m.metadata.dst_node_id for m in messages]
@@ -514,25 +515,26 @@ def _secure_round(
         raise RuntimeError(
             f"round {server_round}: the hospitals did not say how many images they hold"
         )
+    threshold = cfg.secure_threshold()
+    if len(messages) < threshold:
+        raise RuntimeError(
+            f"round {server_round}: {len(messages)} hospitals sampled, fewer than the "
+            f"secure-aggregation threshold of {threshold}: raise --fraction-train or lower "
+            "--secagg-threshold"
+        )
     polls = _reply_polls(grid)
     outcome, _ = SecureRound(
         lambda msgs, flag: exchange(grid, msgs, cfg.round_timeout, flag, *polls),
         messages,
         server_round,
-        cfg.secure_threshold(),
+        threshold,
         max_weight,
         stop,
         seed=cfg.seed * 1_000_003 + server_round,
     ).run(arrays)
-    if outcome.aborted and len(messages) < cfg.secure_threshold():
-        raise RuntimeError(
-            f"round {server_round}: {len(messages)} hospitals sampled, fewer than the "
-            f"secure-aggregation threshold of {cfg.secure_threshold()}: raise "
-            "--fraction-train or lower --secagg-threshold"
-        )
-    refused: dict[int, str] | None = None
+    refused = dict(outcome.rejected)
     if outcome.aborted:
-        refused = dict.fromkeys(outcome.alive, outcome.aborted)
+        refused.update(dict.fromkeys(outcome.alive, outcome.aborted))
     return outcome.replies, outcome.missing, refused, outcome.sent
 
 
@@ -799,20 +801,20 @@ def run_federation(
 
                     replies = train_round_batched(list(messages), cfg, live.client_of)
                     missing: list[int] = []
-                    aborted, sent = None, None
+                    refused, sent = None, None
                 elif secure_on:
-                    replies, missing, aborted, sent = _secure_round(
+                    replies, missing, refused, sent = _secure_round(
                         grid, list(messages), cfg, server_round, arrays, live, stop
                     )
                 else:
                     replies, missing = exchange(
                         grid, messages, cfg.round_timeout, stop, *_reply_polls(grid)
                     )
-                    aborted, sent = None, None
+                    refused, sent = None, None
                 check = _private_check(evaluator.layout, arrays, private) if private else None
                 outcome = sort_replies(
                     server_round, replies, missing, reference, live.client_of, check,
-                    aborted, sent,
+                    refused, sent,
                 )  # fmt: skip
                 live.suspects.update(outcome.failed_nodes)
                 recorder.record_clients(outcome.rows)
@@ -825,10 +827,12 @@ def run_federation(
                         "its last complete round: resume it (--resume) once every "
                         "hospital is back"
                     )
-                if not outcome.usable and aborted:
-                    # the sum could not be unmasked: the global model stays as it was,
-                    # and the next round goes on as --min-clients says
-                    log.warning("round %d: %s", server_round, next(iter(aborted.values())))
+                if not outcome.usable and refused:
+                    # secure aggregation: the sum could not be unmasked; the global model
+                    # stays as it was, and the next round goes on as --min-clients says
+                    log.warning(
+                        "round %d: %s", server_round, "; ".join(sorted(set(refused.values())))
+                    )
                 elif not outcome.usable:
                     raise RuntimeError(
                         f"round {server_round}: no client returned a usable update "
