@@ -135,6 +135,23 @@ def test_the_grid_is_every_combination(tmp_path: Path) -> None:
     assert len({e.id for e in sweep.experiments}) == 12
 
 
+REPO = Path(__file__).resolve().parents[1]
+BENCH_SWEEPS = sorted((REPO / "benchmarks" / "sweeps").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", BENCH_SWEEPS, ids=[p.stem for p in BENCH_SWEEPS])
+def test_every_benchmark_sweep_file_is_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweeps benchmarks/README.md quotes load as written: every key is an option,
+    every value in range, every grid point a valid experiment (data-dir resolves from the
+    repository root, as their commands are run)."""
+    if not (REPO.parent / "shared" / "datasets").is_dir():
+        pytest.skip("../shared/datasets is absent: the benchmark sweeps read their data there")
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(path)
+    # results go to the ignored sweeps/ folder, never next to the committed files
+    assert sweep.experiments and sweep.out.is_relative_to(REPO / "sweeps"), sweep.out
+
+
 def _fake_run(run_dir: Path, status: str, acc: float, auc: float, worst: float) -> None:
     """A run's summary.json and metrics.csv as RunRecorder writes them (the fields the
     sweep reads); the hospitals last scored a model in round 1 (--site-eval-every 1 of
