@@ -42,6 +42,7 @@ SLOW = {
 # Combinations a model does not support: build_model raises ConfigError for them.
 UNSUPPORTED = {
     ("vgg16", "organ3d28"): "VGG-16 is 2D only (build_model raises ConfigError for 3D specs)",
+    ("scatternet", "organ3d28"): "ScatterNet is 2D only (build_model raises ConfigError)",
 }
 
 
@@ -91,7 +92,7 @@ def _build(name: str, spec: DatasetSpec, seed: int) -> nn.Module:
 
 
 def test_registry_holds_the_documented_models() -> None:
-    assert set(MODELS) == {"cnn", "resnet10", "resnet18", "resnet50", "vgg16"}
+    assert set(MODELS) == {"cnn", "resnet10", "resnet18", "resnet50", "vgg16", "scatternet"}
     for name, entry in MODELS.items():
         assert entry.name == name
         assert entry.description
@@ -137,10 +138,12 @@ def test_state_arrays_round_trip_gives_identical_outputs(name: str, spec_id: str
     source = _build(name, spec, seed=1)
     target = _build(name, spec, seed=2)
     # Give every floating buffer (BatchNorm statistics) non-default values, so the round
-    # trip is checked for buffers as well as parameters.
+    # trip is checked for buffers as well as parameters. Buffers left out of the state
+    # dict (ScatterNet's fixed filters) are the same in every copy and are left alone.
+    persistent = set(source.state_dict())
     with torch.no_grad():
-        for buf in source.buffers():
-            if buf.is_floating_point():
+        for name, buf in source.named_buffers():
+            if name in persistent and buf.is_floating_point():
                 buf.uniform_(0.5, 1.5)
     arrays = state_arrays(source)
     expected_keys = {k for k in source.state_dict() if not k.endswith("num_batches_tracked")}
@@ -270,6 +273,38 @@ def test_auto_is_the_data_set_s_default(dataset: str, expected: str) -> None:
 def test_auto_at_a_size(dataset: str, size: int, expected: str) -> None:
     """3D volumes at 64 px get the compact ResNet; 28 px volumes and 2D sets keep the CNN."""
     assert resolve_model("auto", dataset, size) == expected
+
+
+@pytest.mark.parametrize(
+    ("dataset", "size", "expected"),
+    [
+        ("pneumoniamnist", 0, "scatternet"),
+        ("dermamnist", 64, "scatternet"),
+        ("brain-tumor-mri", 0, "scatternet"),
+        ("organmnist3d", 28, "cnn"),
+        ("adrenalmnist3d", 64, "resnet10"),
+    ],
+)
+def test_auto_under_dp_sgd_is_scatternet_on_2d_sets(dataset: str, size: int, expected: str) -> None:
+    """--privacy sample picks the few-parameter ScatterNet wherever it fits (2D sets);
+    3D sets keep their defaults, and a named model is kept."""
+    assert default_model(dataset, size, "sample") == expected
+    assert resolve_model("auto", dataset, size, "sample") == expected
+    assert resolve_model("cnn", dataset, size, "sample") == "cnn"
+    assert resolve_model("auto", dataset, size, "hospital") == resolve_model("auto", dataset, size)
+
+
+def test_scatternet_trains_only_its_linear_layer_and_sends_nothing_else() -> None:
+    """The scattering filters are fixed and left out of the state dict (never sent or
+    averaged); larger images are pooled to an 8 x 8 grid, so the layer stays small."""
+    small = build_model("scatternet", _spec("pneumonia28"))
+    assert list(small.state_dict()) == ["fc.weight", "fc.bias"]
+    assert small.fc.in_features == 81 * 7 * 7
+    big = build_model("scatternet", spec_for("dermamnist", 224))
+    assert big.fc.in_features == 3 * 81 * 8 * 8
+    assert list(big.state_dict()) == ["fc.weight", "fc.bias"]
+    with pytest.raises(ConfigError, match="2D only"):
+        build_model("scatternet", _spec("organ3d28"))
 
 
 def test_the_3d_default_at_64_px_pools_after_its_strided_stem() -> None:

@@ -352,6 +352,7 @@ def test_a_resumed_personalised_run_equals_an_uninterrupted_one(tmp_path: Path) 
         (["--strategy", "ditto", "--ditto-lambda", "-1"], "--ditto-lambda -1.0 is out of range"),
         (["--strategy", "fedavg-ft", "--finetune-epochs", "0"], "--finetune-epochs 0"),
         (["--strategy", "fedper", "--privacy", "sample"], "cannot be combined with --privacy"),
+        (["--strategy", "fedper", "--model", "scatternet"], "that is --strategy local"),
         (["--strategy", "local", "--site-eval-every", "0"], "with --site-eval-every 0"),
         (["--strategy", "pooled", "--fraction-train", "0.5"], "with --fraction-train below 1"),
     ],

@@ -124,9 +124,10 @@ def test_batchnorm_models_are_refused_with_the_ones_that_work() -> None:
     from medbloom.models import build_model
 
     spec = spec_of("pneumoniamnist", 28)
-    with pytest.raises(ConfigError, match="use a GroupNorm model: cnn, resnet10"):
+    with pytest.raises(ConfigError, match="use a GroupNorm model: scatternet, cnn, resnet10"):
         check_model(build_model("resnet18", spec, load_weights=False), "resnet18")
-    check_model(build_model("cnn", spec, load_weights=False), "cnn")
+    for name in ("scatternet", "cnn", "resnet10"):
+        check_model(build_model(name, spec, load_weights=False), name)
 
 
 BAD = [
@@ -207,6 +208,19 @@ def test_a_private_run_states_its_epsilon_and_keeps_counting_across_a_resume(
         last = list(csv.DictReader(fh))[-1]
     assert float(last["epsilon"]) == pytest.approx(largest)
     assert math.isfinite(float(last["auc"]))
+
+    # --model auto under DP-SGD is ScatterNet on a 2D set; it scores images as any model
+    # does, and export says in one line why it cannot be exported
+    from medbloom.trained import export_model, load_trained
+
+    assert json.loads((run_dir / "config.json").read_text())["config"]["model"] == "scatternet"
+    trained = load_trained(run_dir)
+    with torch.no_grad():
+        probs = torch.softmax(trained.model(torch.zeros(2, 1, 28, 28)), dim=1)
+    assert probs.shape == (2, 2) and torch.isfinite(probs).all()
+    with pytest.raises(ConfigError, match="scatternet cannot be exported"):
+        export_model(trained, "onnx", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_a_run_without_privacy_says_so(tmp_path: Path) -> None:

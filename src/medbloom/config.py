@@ -109,7 +109,8 @@ class ExperimentConfig:
     model: str = _knob(
         "auto",
         "model name (see `medbloom models`); auto: the data set's default "
-        "(MedMNIST: cnn, 3D MedMNIST at 64 px and folder sets: resnet10)",
+        "(MedMNIST: cnn, 3D MedMNIST at 64 px and folder sets: resnet10; under --privacy "
+        "sample every 2D set: scatternet)",
     )
     pretrained: str = _knob(
         "none", "start from ImageNet weights (resnet18, resnet50, vgg16)", PRETRAINED

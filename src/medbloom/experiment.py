@@ -261,7 +261,9 @@ def initial_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     """The global model of round 0, seeded so every run with this seed starts alike."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze)
+        return build_model(
+            cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, privacy=cfg.privacy
+        )
 
 
 def spec_summary(spec: DatasetSpec) -> dict[str, Any]:
@@ -345,6 +347,9 @@ def prepare_run(
     if cfg.score_model:
         cfg = scoring_config(cfg)
     spec_of(cfg.dataset, cfg.size)
+    size = resolve_size(cfg.dataset, cfg.size)
+    # what --model auto stands for depends on --privacy: resolve it before anything builds
+    cfg = cfg.replace(model=resolve_model(cfg.model, cfg.dataset, size, cfg.privacy))
     model = initial_model(cfg, spec_of(cfg.dataset, cfg.size))
     if cfg.batched == "on":
         from medbloom.batched import check_batchable
@@ -353,11 +358,10 @@ def prepare_run(
             check_batchable(model)
         except NotImplementedError as exc:
             raise ConfigError(f"--batched on: {exc}; use --batched off") from None
-    size = resolve_size(cfg.dataset, cfg.size)
     if cfg.privacy == "sample":
         from medbloom.privacy import check_model
 
-        check_model(model, resolve_model(cfg.model, cfg.dataset, size))
+        check_model(model, cfg.model)
     from medbloom.personal import private_keys
 
     # fedper and fedbn on a model they cannot split: a one-line error before anything
@@ -368,7 +372,6 @@ def prepare_run(
     # auto stand for
     cfg = cfg.replace(
         size=size,
-        model=resolve_model(cfg.model, cfg.dataset, size),
         lr_schedule=cfg.schedule(),
         augment=cfg.augmentation(),
         optimizer=cfg.optimizer_name(),

@@ -55,7 +55,13 @@ def private_keys(strategy: str, model: nn.Module, keys: list[str]) -> list[str]:
                 f"--strategy fedper: model {type(model).__name__} does not say which layers "
                 "are its classifier head"
             )
-        return [k for k in keys if k.startswith(tuple(head))]
+        private = [k for k in keys if k.startswith(tuple(head))]
+        if private == list(keys):
+            raise ConfigError(
+                f"--strategy fedper: every trained layer of {type(model).__name__} is its "
+                "classifier head, so nothing would be shared; that is --strategy local"
+            )
+        return private
     if strategy == "fedbn":
         names = [name for name, m in model.named_modules() if isinstance(m, BATCH_NORMS)]
         if not names:

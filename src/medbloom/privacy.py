@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch loads where a model trains, not where a summary is re
 
 ACCOUNTANT = "Opacus RDP accountant"
 # the models whose layers give per-image gradients (GroupNorm, no BatchNorm)
-PRIVATE_MODELS = ("cnn", "resnet10")
+PRIVATE_MODELS = ("scatternet", "cnn", "resnet10")
 
 
 def _load_opacus() -> None:

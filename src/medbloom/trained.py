@@ -163,8 +163,9 @@ def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
         raise NotARun(f"{run_dir}: no checkpoints/{path.name} (the run recorded no round yet)")
     ckpt = load_checkpoint(path)
     model = build_model(
-        cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False
-    )
+        cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False,
+        privacy=cfg.privacy,
+    )  # fmt: skip
     try:
         load_arrays(model, ckpt["model"])
     except (ValueError, RuntimeError) as exc:
@@ -317,6 +318,14 @@ def export_model(trained: TrainedModel, fmt: str, out: Path) -> tuple[Path, Path
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected onnx or torchscript")
+    from medbloom.models.scatter import ScatterNet
+
+    if isinstance(trained.model, ScatterNet):
+        raise ConfigError(
+            "--model scatternet cannot be exported: its scattering transform (kymatio) "
+            "works on complex FFTs, which ONNX and TorchScript tracing do not support; "
+            "`medbloom predict` and `medbloom evaluate` use the run directory as it is"
+        )
     spatial = (trained.spec.image_size,) * trained.spec.spatial_dims
     example = torch.zeros(1, trained.spec.in_channels, *spatial)
     out.parent.mkdir(parents=True, exist_ok=True)

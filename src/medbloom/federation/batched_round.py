@@ -35,7 +35,7 @@ def train_round_batched(
     data = [client_data(cfg, pid, cfg.num_clients) for pid in pids]
     spec = data[0].spec
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model, spec, freeze=cfg.freeze)
+    model = build_model(cfg.model, spec, freeze=cfg.freeze, privacy=cfg.privacy)
     layout = Layout.of(state_arrays(model))
     load_arrays(model, layout.unpack(messages[0].content.array_records["arrays"]))
     sites = [site_scores(model, d, device, None) if config.get("site-eval") else {} for d in data]

@@ -45,17 +45,18 @@ from medbloom.training import (
 # from the hospitals' seeds of the same round (client_seed of partition k + 1 is seed + 1)
 PERSONAL_SEED_OFFSET = 0x9E3779B97F4A7C15
 
-_MODELS: dict[tuple[str, str, int, str, str], nn.Module] = {}
+_MODELS: dict[tuple[str, str, int, str, str, str], nn.Module] = {}
 
 
 def _model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     # Built once per process and overwritten with the global weights each round;
     # never with pretrained weights: those come from the server in round 1.
-    key = (cfg.model, spec.name, spec.image_size, cfg.pretrained, cfg.freeze)
+    key = (cfg.model, spec.name, spec.image_size, cfg.pretrained, cfg.freeze, cfg.privacy)
     if key not in _MODELS:
         _MODELS[key] = build_model(
-            cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False
-        )
+            cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False,
+            privacy=cfg.privacy,
+        )  # fmt: skip
     return _MODELS[key]
 
 
