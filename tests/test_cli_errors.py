@@ -292,7 +292,7 @@ def test_models_lists_every_model(cwd: Path, run_cli: Cli) -> None:
     proc = run_cli("models", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert names == ["cnn", "resnet10", "resnet18", "resnet50", "vgg16"]
+    assert names == ["cnn", "resnet10", "resnet18", "resnet50", "vgg16", "scatternet"]
 
 
 ALL_FLAGS = [
