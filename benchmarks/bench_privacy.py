@@ -55,6 +55,7 @@ def _rows(cfg: Any, picks: dict[str, Any], reps: int) -> list[list[Any]]:
     from medbloom.privacy import plan_for, train_private
     from medbloom.training import count_correct, loss_function, make_optimizer, train_local
 
+    dp = cfg.replace(privacy="sample")  # the optimizer and rate --privacy sample trains with
     rows = []
     for name, data in picks.items():
         model = initial_model(cfg, data.spec)
@@ -71,7 +72,8 @@ def _rows(cfg: Any, picks: dict[str, Any], reps: int) -> list[list[Any]]:
             train_private(
                 m, data.train.x, data.train.y, plan=plan,
                 criterion=loss_function(data.spec.task, data.weights),
-                make_optimizer=lambda mod: make_optimizer(mod, "sgd", 0.02),
+                make_optimizer=lambda mod: make_optimizer(mod, dp.optimizer_name(),
+                                                          dp.learning_rate()),
                 epochs=1, batch_size=cfg.batch_size, seed=rep, noise_seed=rep + 1,
                 device=torch.device("cpu"), augment=None,
                 correct=functools.partial(count_correct, task=data.spec.task),

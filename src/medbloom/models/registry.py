@@ -52,24 +52,23 @@ def _resnet(depth: int, imagenet: bool = False) -> Callable[[DatasetSpec], nn.Mo
     return build
 
 
+def _two_d_only(name: str, spec: DatasetSpec, instead: str) -> None:
+    if spec.spatial_dims != 2:
+        raise ConfigError(
+            f"--model {name} is 2D only and {spec.name} is {spec.spatial_dims}D: use {instead}"
+        )
+
+
 def _vgg16(imagenet: bool = False) -> Callable[[DatasetSpec], nn.Module]:
     def build(spec: DatasetSpec) -> nn.Module:
-        if spec.spatial_dims != 2:
-            raise ConfigError(
-                f"--model vgg16 is 2D only and {spec.name} is {spec.spatial_dims}D: "
-                "use cnn, resnet18 or resnet50"
-            )
+        _two_d_only("vgg16", spec, "cnn, resnet18 or resnet50")
         return VGG16(spec.in_channels, num_outputs(spec), imagenet_input=imagenet)
 
     return build
 
 
 def _scatternet(spec: DatasetSpec) -> nn.Module:
-    if spec.spatial_dims != 2:
-        raise ConfigError(
-            f"--model scatternet is 2D only and {spec.name} is {spec.spatial_dims}D: "
-            "use cnn or resnet10"
-        )
+    _two_d_only("scatternet", spec, "cnn or resnet10")
     return ScatterNet(spec.in_channels, num_outputs(spec), spec.image_size)
 
 
