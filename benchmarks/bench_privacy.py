@@ -7,9 +7,12 @@ clipping, noise, Poisson sampling), alternately, ``--reps`` times each on one to
 thread, as a hospital of a simulation does, for each model of ``--models`` (the small CNN,
 the default of plain runs, and ScatterNet, the default under ``--privacy sample``).
 Prints the median seconds per round of each and their ratio; the ratios are what to
-compare between machines.
+compare between machines. ``scatternet-nocache`` is ScatterNet with its per-process
+feature cache off (``MEDBLOOM_SCATTER_CACHE_MB=0``): every round transforms every image
+again, as each round's first touch of an image does.
 
-    .venv/bin/python benchmarks/bench_privacy.py [--reps 5] [--models cnn,scatternet]
+    .venv/bin/python benchmarks/bench_privacy.py [--reps 5]
+        [--models cnn,scatternet,scatternet-nocache]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from _common import DATA_DIR, check_data, median, table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--models", default="cnn,scatternet")
+    parser.add_argument("--models", default="cnn,scatternet,scatternet-nocache")
     args = parser.parse_args()
     check_data()
 
@@ -34,6 +37,7 @@ def main() -> None:
     from medbloom.config import ExperimentConfig
     from medbloom.data.registry import resolve_size
     from medbloom.experiment import client_data
+    from medbloom.models.scatter import DEFAULT_CACHE_MB, configure_feature_cache
 
     torch.set_num_threads(1)
     cfg = ExperimentConfig(data_dir=str(DATA_DIR)).validate()
@@ -42,8 +46,10 @@ def main() -> None:
                    key=lambda d: len(d.train))  # fmt: skip
     picks = {"largest": datas[-1], "median": datas[len(datas) // 2], "smallest": datas[0]}
     rows = []
-    for model_name in args.models.split(","):
-        rows += _rows(cfg.replace(model=model_name), picks, args.reps)
+    for arm in args.models.split(","):
+        model_name, _, nocache = arm.partition("-")
+        configure_feature_cache(0 if nocache else DEFAULT_CACHE_MB)
+        rows += [[arm, *row[1:]] for row in _rows(cfg.replace(model=model_name), picks, args.reps)]
     print(table(["model", "hospital", "images", "noise", "plain s/round", "DP-SGD s/round",
                  "ratio"], rows))  # fmt: skip
 

@@ -8,7 +8,9 @@ a lossless ``state_arrays``/``load_arrays`` round trip, and seeded reproducibili
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -305,6 +307,78 @@ def test_scatternet_trains_only_its_linear_layer_and_sends_nothing_else() -> Non
     assert list(big.state_dict()) == ["fc.weight", "fc.bias"]
     with pytest.raises(ConfigError, match="2D only"):
         build_model("scatternet", _spec("organ3d28"))
+
+
+@pytest.fixture
+def scatter_cache() -> Iterator[Any]:
+    """A fresh 1 MB feature cache for the test; the process's own one afterwards."""
+    from medbloom.models import scatter
+
+    yield scatter.configure_feature_cache(1)
+    scatter.configure_feature_cache(scatter.DEFAULT_CACHE_MB)
+
+
+def test_scatternet_features_come_from_the_cache_unchanged(scatter_cache: Any) -> None:
+    """Each image is transformed once per process: a second pass (in any batch, flipped
+    images being new ones) reads the cache and gives the very same outputs."""
+    torch.manual_seed(0)
+    model = build_model("scatternet", _spec("pneumonia28"))
+    x = torch.rand(12, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        direct = model._features(x)
+        first = model(x)
+        assert (scatter_cache.hits, scatter_cache.misses, len(scatter_cache)) == (0, 12, 12)
+        again = model(x[3:9])  # another batch of seen images: all from the cache
+        assert (scatter_cache.hits, scatter_cache.misses) == (6, 12)
+        mixed = model.features(torch.cat([x[:2], x[:2].flip(-1)]))  # 2 seen, 2 new
+        assert (scatter_cache.hits, scatter_cache.misses) == (8, 14)
+    assert torch.equal(model.features(x), direct)
+    assert torch.allclose(again, first[3:9], atol=1e-6)  # the matmul may block differently
+    assert torch.equal(mixed[:2], direct[:2])
+    assert torch.equal(mixed[2:], model._features(x[:2].flip(-1)))
+
+
+def test_scatternet_cache_keeps_to_its_budget(scatter_cache: Any) -> None:
+    """Once the budget (1 MB here) is full the cache keeps the images it holds, so the
+    next pass over the same set still finds them."""
+    model = build_model("scatternet", _spec("pneumonia28"))
+    per_image = 81 * 7 * 7 * 4
+    room = 2**20 // per_image
+    x = torch.rand(room + 20, 1, 28, 28)
+    with torch.no_grad():
+        model.features(x)
+        assert len(scatter_cache) == room and scatter_cache.bytes <= 2**20
+        model.features(x)
+    assert (scatter_cache.hits, scatter_cache.misses) == (room, room + 40)
+
+
+def test_scatternet_trains_on_features_cached_at_evaluation(scatter_cache: Any) -> None:
+    """Features first computed under inference mode (evaluation) still train the linear
+    layer; an input that needs a gradient (a saliency map) bypasses the cache."""
+    model = build_model("scatternet", _spec("pneumonia28"))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    with torch.inference_mode():
+        model(x)
+    loss = model(x).sum()
+    loss.backward()
+    assert model.fc.weight.grad is not None and scatter_cache.hits == 4
+    pixels = x.clone().requires_grad_(True)
+    model(pixels).sum().backward()
+    assert pixels.grad is not None and scatter_cache.hits == 4
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", None), ("2", 2 * 2**20), ("", 512 * 2**20)])
+def test_scatternet_cache_size_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: int | None
+) -> None:
+    from medbloom.models import scatter
+
+    monkeypatch.setenv(scatter.CACHE_ENV, value)
+    cache = scatter._cache_from_env()
+    assert (cache.max_bytes if cache is not None else None) == expected
+    monkeypatch.setenv(scatter.CACHE_ENV, "lots")
+    with pytest.raises(ConfigError, match="MEDBLOOM_SCATTER_CACHE_MB must be a number"):
+        scatter._cache_from_env()
 
 
 def test_the_3d_default_at_64_px_pools_after_its_strided_stem() -> None:
