@@ -63,6 +63,24 @@ def test_recorded_partition_is_the_computed_one_and_needs_no_flower_datasets(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.split()
     assert out == [str(pmap["clients"][1]["num_train"]), "False", "False"]
+    # the settings as typed (the default size as 0, the data root relative to the working
+    # directory), as a simulation started in-process hands them to its hospitals: the same
+    # partition, read from the record
+    typed = ExperimentConfig(
+        data_dir="data", dataset="bloodmnist", num_clients=4, partition="dirichlet", alpha=0.5,
+        min_partition_size=5, out=str(run_dir),
+    )  # fmt: skip
+    code = code.replace(
+        f"cfg = load_run_config(Path({str(run_dir)!r}))\n",
+        "import os\n"
+        f"os.chdir({str(tmp_path)!r})\n"
+        "from medbloom.config import ExperimentConfig\n"
+        f"cfg = ExperimentConfig.from_mapping({typed.to_run_config()!r}, 'test')\n",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out == [str(pmap["clients"][1]["num_train"]), "False", "False"]
 
 
 def test_a_partition_that_no_longer_fits_is_computed_again(tmp_path: Path) -> None:

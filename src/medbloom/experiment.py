@@ -77,12 +77,15 @@ def splits_for(cfg: ExperimentConfig) -> Splits:
 
 
 def _partition_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Everything a partition depends on, besides the data itself."""
+    """Everything a partition depends on, besides the data itself; sizes and paths as
+    a run records them (``--size 0`` is the data set's default, paths are absolute), so
+    a process given the settings as typed finds the partition the run recorded."""
     dedup = cfg.dedup
+    paths = absolute_paths(cfg)
     return {
-        "dataset": cfg.dataset,
-        "size": cfg.size,
-        "data_dir": cfg.data_dir,
+        "dataset": paths.get("dataset", cfg.dataset),
+        "size": resolve_size(cfg.dataset, cfg.size),
+        "data_dir": paths.get("data_dir", cfg.data_dir),
         "dedup": dedup,
         "dup_threshold": cfg.dup_threshold if dedup != "none" else 0,
         "partition": cfg.partition,
