@@ -37,7 +37,7 @@ def main() -> None:
     from medbloom.config import ExperimentConfig
     from medbloom.data.registry import resolve_size
     from medbloom.experiment import client_data
-    from medbloom.models.scatter import DEFAULT_CACHE_MB, configure_feature_cache
+    from medbloom.models.scatter import configure_feature_cache, default_cache_mb
 
     torch.set_num_threads(1)
     cfg = ExperimentConfig(data_dir=str(DATA_DIR)).validate()
@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     for arm in args.models.split(","):
         model_name, _, nocache = arm.partition("-")
-        configure_feature_cache(0 if nocache else DEFAULT_CACHE_MB)
+        configure_feature_cache(0 if nocache else default_cache_mb())
         rows += [[arm, *row[1:]] for row in _rows(cfg.replace(model=model_name), picks, args.reps)]
     print(table(["model", "hospital", "images", "noise", "plain s/round", "DP-SGD s/round",
                  "ratio"], rows))  # fmt: skip

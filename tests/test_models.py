@@ -8,6 +8,7 @@ a lossless ``state_arrays``/``load_arrays`` round trip, and seeded reproducibili
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,7 @@ def scatter_cache() -> Iterator[Any]:
     from medbloom.models import scatter
 
     yield scatter.configure_feature_cache(1)
-    scatter.configure_feature_cache(scatter.DEFAULT_CACHE_MB)
+    scatter.configure_feature_cache(scatter.default_cache_mb())
 
 
 def test_scatternet_features_come_from_the_cache_unchanged(scatter_cache: Any) -> None:
@@ -367,15 +368,23 @@ def test_scatternet_trains_on_features_cached_at_evaluation(scatter_cache: Any) 
     assert pixels.grad is not None and scatter_cache.hits == 4
 
 
-@pytest.mark.parametrize(("value", "expected"), [("0", None), ("2", 2 * 2**20), ("", 512 * 2**20)])
+@pytest.mark.parametrize(("value", "expected"), [("0", None), ("2", 2.0), ("", "default")])
 def test_scatternet_cache_size_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch, value: str, expected: int | None
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: float | str | None
 ) -> None:
+    """Megabytes from MEDBLOOM_SCATTER_CACHE_MB; unset, at most 512 MB a process and at
+    most a quarter of the memory over a process per core."""
     from medbloom.models import scatter
+    from medbloom.system import usable_cpus
 
     monkeypatch.setenv(scatter.CACHE_ENV, value)
     cache = scatter._cache_from_env()
-    assert (cache.max_bytes if cache is not None else None) == expected
+    if expected == "default":
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert cache is not None and 0 < cache.max_bytes <= 512 * 2**20
+        assert cache.max_bytes * 4 * usable_cpus() <= memory
+    else:
+        assert (cache.max_bytes / 2**20 if cache is not None else None) == expected
     monkeypatch.setenv(scatter.CACHE_ENV, "lots")
     with pytest.raises(ConfigError, match="MEDBLOOM_SCATTER_CACHE_MB must be a number"):
         scatter._cache_from_env()

@@ -15,7 +15,8 @@ image on one CPU core), so each process keeps the features of the images it has 
 keyed by a hash of the image's pixels: a hospital's images (and, with ``--augment flip``,
 their mirror images) are transformed once per process, not once per round, and so are the
 test images the server scores every round. ``MEDBLOOM_SCATTER_CACHE_MB`` bounds the memory
-(default 512 MB per process; 0 turns the cache off). Images that need a gradient (saliency
+(default 512 MB per process, less where one per core would take over a quarter of the
+machine's memory; 0 turns the cache off). Images that need a gradient (saliency
 maps) bypass it.
 """
 
@@ -86,10 +87,22 @@ class FeatureCache:
         return torch.stack([f for f in found if f is not None])
 
 
+def default_cache_mb() -> float:
+    """512 MB, or less where a process per core each keeping that much would take more
+    than a quarter of the machine's memory (a simulation runs one hospital per core)."""
+    from medbloom.system import usable_cpus
+
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return DEFAULT_CACHE_MB
+    return min(DEFAULT_CACHE_MB, memory_mb / (4 * usable_cpus()))
+
+
 def _cache_from_env() -> FeatureCache | None:
     raw = os.environ.get(CACHE_ENV, "").strip()
     try:
-        mb = float(raw) if raw else DEFAULT_CACHE_MB
+        mb = float(raw) if raw else default_cache_mb()
     except ValueError:
         raise ConfigError(f"{CACHE_ENV} must be a number of megabytes, not {raw!r}") from None
     return FeatureCache(int(mb * 2**20)) if mb > 0 else None
