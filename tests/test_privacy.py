@@ -76,6 +76,27 @@ def test_the_noise_is_the_accountants_for_the_target_and_epsilon_is_its_own() ->
     assert 2.9 < epsilon_of(history, 1e-5) <= 3.0
 
 
+def test_the_accountant_records_what_was_planned_where_opacus_rounds_down() -> None:
+    """2955 images in batches of 32 are 93 batches, and Opacus' Poisson loader runs
+    int(1 / (1 / 93)) = 92 steps an epoch and records a sample rate of 1/92: the plan
+    is made for exactly what the accountant records, so a run's reported epsilon never
+    passes its target."""
+    plan = plan_for(2955, 32, 1, 3, target_epsilon=2.0, delta=1e-5, clip_norm=1.0)
+    assert (plan.steps_per_round, plan.sample_rate) == (92, 1 / 92)
+    x, y = torch.randn(2955, 1, 4, 4), torch.randint(0, 2, (2955,))
+    history: list[tuple[float, float, int]] = []
+    for rnd in range(3):
+        *_, recorded = train_private(
+            _linear(), x, y, plan=plan, criterion=nn.CrossEntropyLoss(),
+            make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), epochs=1,
+            batch_size=32, seed=rnd, noise_seed=rnd + 1, device=torch.device("cpu"),
+            augment=None, correct=_ce,
+        )  # fmt: skip
+        history += recorded
+    assert history == [(plan.noise_multiplier, plan.sample_rate, 92)] * 3
+    assert 1.95 < epsilon_of(history, 1e-5) <= 2.0
+
+
 def test_each_images_gradient_is_clipped() -> None:
     """One image with a huge gradient moves the weights by at most lr * clip (no noise,
     a batch of one that Poisson sampling always draws); plain SGD moves them far more."""

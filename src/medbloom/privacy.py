@@ -95,14 +95,22 @@ def plan_for(
     clip_norm: float,
 ) -> Plan:
     """The noise multiplier with which ``rounds`` rounds of ``local_epochs`` epochs over
-    ``n_images`` spend ``target_epsilon`` (Opacus' ``get_noise_multiplier``, RDP).
-    Opacus samples each image with probability 1 / (batches an epoch)."""
+    ``n_images`` spend ``target_epsilon`` (Opacus' ``get_noise_multiplier``, RDP), on
+    the steps and sample rate Opacus' accountant will record.
+
+    Opacus samples each image with probability 1 / (batches an epoch) and runs
+    ``int(1 / that)`` steps, recording a sample rate of 1 over that number: one step
+    fewer, and a larger rate, where the division rounds down (93 batches: 92 steps at
+    1/92; 153 of the batch counts below 3000). Planning for 1/93 then had the
+    accountant report epsilon 8.05 for a target of 8 (Brain Tumor MRI, a hospital of
+    2955 images). Planned on what is recorded, the reported epsilon stays within the
+    target, and the real one (sampled at 1/93) is lower still."""
     _load_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     if n_images < 1:
         raise ValueError("a hospital without training images cannot train")
-    batches = math.ceil(n_images / batch_size)
+    batches = int(1.0 / (1.0 / math.ceil(n_images / batch_size)))  # as Opacus counts them
     sample_rate = 1.0 / batches
     steps = local_epochs * batches
     with warnings.catch_warnings():
