@@ -266,6 +266,31 @@ def test_a_stopped_sweep_goes_on_where_it_was(tmp_path: Path) -> None:
     assert not ray_processes("sweep-stop")
 
 
+def test_a_stop_between_two_experiments_stops_the_next_one_too(tmp_path: Path) -> None:
+    """SIGTERM landing after one experiment finished and before the next one started
+    used to find no experiment to stop: the next then ran to its end while the sweep
+    waited for it. Now an experiment that starts after the stop does not run."""
+    from medbloom import sweep as sweep_module
+
+    ran = tmp_path / "ran"
+    sweep_module.stop_experiments()
+    try:
+        rc = sweep_module.run_experiment(
+            ["-c", f"open({str(ran)!r}, 'w').write('x')"], str(tmp_path / "log.txt")
+        )
+    finally:
+        sweep_module._STOPPING.clear()
+    assert rc == sweep_module.STOPPED_BEFORE_START and not ran.exists()
+    # cleared (as each sweep does when it starts), experiments run again
+    assert (
+        sweep_module.run_experiment(
+            ["-c", f"open({str(ran)!r}, 'w').write('x')"], str(tmp_path / "log.txt")
+        )
+        == 0
+        and ran.exists()
+    )
+
+
 HEAD = """
 import sys, ray
 ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -241,6 +241,11 @@ def _child_env() -> dict[str, str]:
 
 _CHILDREN: set[subprocess.Popen[bytes]] = set()
 _CHILDREN_LOCK = threading.Lock()
+# Set by stop_experiments: an experiment a worker thread starts after it (the sweep was
+# stopped between two experiments) is stopped too, instead of running to its end while
+# the sweep waits for it.
+_STOPPING = threading.Event()
+STOPPED_BEFORE_START = 130
 
 
 def run_experiment(args: list[str], log_file: str) -> int:
@@ -254,6 +259,8 @@ def run_experiment(args: list[str], log_file: str) -> int:
     """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *args]
+    if _STOPPING.is_set():
+        return STOPPED_BEFORE_START
     with open(log_file, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -262,6 +269,9 @@ def run_experiment(args: list[str], log_file: str) -> int:
         )
         with _CHILDREN_LOCK:
             _CHILDREN.add(proc)
+            stopping = _STOPPING.is_set()
+        if stopping:  # asked to stop while it was starting: stop it as the others
+            proc.send_signal(signal.SIGINT)
         try:
             return proc.wait()
         except BaseException:
@@ -274,7 +284,9 @@ def run_experiment(args: list[str], log_file: str) -> int:
 
 
 def stop_experiments() -> None:
-    """Ask every experiment this process started to stop (one SIGINT each)."""
+    """Ask every experiment this process started, or starts from now on, to stop (one
+    SIGINT each)."""
+    _STOPPING.set()
     with _CHILDREN_LOCK:
         running = [p for p in _CHILDREN if p.poll() is None]
     for proc in running:
@@ -286,6 +298,7 @@ def _run_local(
     parallel: int,
     report: Callable[[Experiment, int], None],
 ) -> None:
+    _STOPPING.clear()
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
         futures = {pool.submit(run_experiment, cmd, log): exp for exp, cmd, log in jobs}
