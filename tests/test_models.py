@@ -370,7 +370,7 @@ def test_scatternet_trains_on_features_cached_at_evaluation(scatter_cache: Any) 
 
 @pytest.mark.parametrize(("value", "expected"), [("0", None), ("2", 2.0), ("", "default")])
 def test_scatternet_cache_size_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch, value: str, expected: float | str | None
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: float | str | None, scatter_cache: Any
 ) -> None:
     """Megabytes from MEDBLOOM_SCATTER_CACHE_MB; unset, at most 512 MB a process and at
     most a quarter of the memory over a process per core."""
@@ -378,7 +378,7 @@ def test_scatternet_cache_size_from_the_environment(
     from medbloom.system import usable_cpus
 
     monkeypatch.setenv(scatter.CACHE_ENV, value)
-    cache = scatter._cache_from_env()
+    cache = scatter.configure_feature_cache(scatter._megabytes_from_env())
     if expected == "default":
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         assert cache is not None and 0 < cache.max_bytes <= 512 * 2**20
@@ -387,7 +387,7 @@ def test_scatternet_cache_size_from_the_environment(
         assert (cache.max_bytes / 2**20 if cache is not None else None) == expected
     monkeypatch.setenv(scatter.CACHE_ENV, "lots")
     with pytest.raises(ConfigError, match="MEDBLOOM_SCATTER_CACHE_MB must be a number"):
-        scatter._cache_from_env()
+        scatter._megabytes_from_env()
 
 
 def test_the_3d_default_at_64_px_pools_after_its_strided_stem() -> None:

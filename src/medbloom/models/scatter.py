@@ -99,13 +99,12 @@ def default_cache_mb() -> float:
     return min(DEFAULT_CACHE_MB, memory_mb / (4 * usable_cpus()))
 
 
-def _cache_from_env() -> FeatureCache | None:
+def _megabytes_from_env() -> float:
     raw = os.environ.get(CACHE_ENV, "").strip()
     try:
-        mb = float(raw) if raw else default_cache_mb()
+        return float(raw) if raw else default_cache_mb()
     except ValueError:
         raise ConfigError(f"{CACHE_ENV} must be a number of megabytes, not {raw!r}") from None
-    return FeatureCache(int(mb * 2**20)) if mb > 0 else None
 
 
 _CACHE: FeatureCache | None = None
@@ -122,9 +121,8 @@ def configure_feature_cache(megabytes: float) -> FeatureCache | None:
 
 def feature_cache() -> FeatureCache | None:
     """This process's feature cache (None when ``MEDBLOOM_SCATTER_CACHE_MB`` is 0)."""
-    global _CACHE, _CACHE_READ
     if not _CACHE_READ:
-        _CACHE, _CACHE_READ = _cache_from_env(), True
+        return configure_feature_cache(_megabytes_from_env())
     return _CACHE
 
 
