@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import synthetic
 from conftest import OFFLINE, Cli, medbloom_in_process
 from medbloom.config import ExperimentConfig
 from medbloom.data import medmnist
@@ -98,6 +99,11 @@ def _truncated(tmp: Path, data_root: Path) -> Path:
     return tmp / "truncated"
 
 
+def _chest(tmp: Path, data_root: Path) -> Path:
+    synthetic.write_npz(tmp / "chest", "chestmnist")
+    return tmp / "chest"
+
+
 def _misshaped(tmp: Path, data_root: Path) -> Path:
     images = np.zeros((N_TRAIN, 28, 27), dtype=np.uint8)
     write_npz(tmp / "misshaped", train_images=images)
@@ -148,6 +154,16 @@ BAD_INPUTS: dict[str, tuple[list[str], DataMaker, list[str]]] = {
         ["--batched", "on", "--augment", "light"],
         _good,
         ["--batched on", "--augment"],
+    ),
+    "batched-with-logit-adjust": (
+        ["--batched", "on", "--class-weighting", "logit-adjust"],
+        _good,
+        ["--batched on", "--class-weighting", "--batched off"],
+    ),
+    "logit-adjust-multi-label": (
+        ["--dataset", "chestmnist", "--class-weighting", "logit-adjust"],
+        _chest,
+        ["--class-weighting logit-adjust", "chestmnist", "multi-label"],
     ),
 }
 KNOWN_BUGS: dict[str, str] = {}

@@ -191,6 +191,45 @@ def test_fedavg_ft_scores_a_fine_tuned_copy_and_sends_plain_fedavg_training(
     assert metrics["personal_loss"] != pytest.approx(metrics["site_loss"])
 
 
+def test_under_logit_adjustment_a_personal_model_predicts_with_its_hospitals_prior(
+    tmp_path: Path,
+) -> None:
+    # FedAvg+FT's fine-tuned copy is the hospital's own model: trained with the
+    # logit-adjusted loss, it is scored with the hospital's log class frequencies added
+    # back to its logits; the global model it was tuned from is scored without them
+    cfg = _config(
+        tmp_path, strategy="fedavg-ft", class_weighting="logit-adjust", partition="dirichlet",
+        alpha=0.3,
+    )  # fmt: skip
+    hospital = _hospital(tmp_path, cfg)
+    prior = hospital.data.log_prior
+    assert prior is not None and hospital.data.weights is None
+    assert float(prior.max() - prior.min()) > 0.1  # a hospital with a skewed class mix
+    layout, g1 = _global(cfg, seed=1)
+    reply = hospital.train(_message(layout, g1, 1))
+    metrics = reply.content.metric_records["metrics"]
+    tuned = initial_model(cfg, hospital.data.spec)
+    load_arrays(tuned, g1)
+    seed = (client_seed(cfg.seed, 1, 0) + PERSONAL_SEED_OFFSET) % 2**63
+    hospital._fit(tuned, 1, seed, torch.device("cpu"), None, {}, epochs=cfg.finetune_epochs)
+    val = hospital.data.val
+    probs, plain_loss = predict(tuned, val.x, val.y, hospital.data.spec.task)
+    adjusted = probs * prior.exp().numpy()
+    adjusted /= adjusted.sum(axis=1, keepdims=True)
+    truth = val.labels.reshape(-1).astype(int)
+    loss = -np.log(adjusted[np.arange(len(truth)), truth]).mean()
+    assert metrics["personal_loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics["personal_loss"] != pytest.approx(plain_loss, rel=1e-3)
+    accuracy = (adjusted.argmax(1) == truth).mean()
+    assert metrics["personal_accuracy"] == pytest.approx(accuracy)
+    # the global model received: scored as the server scores it, without a prior
+    received = initial_model(cfg, hospital.data.spec)
+    load_arrays(received, g1)
+    assert metrics["site_loss"] == pytest.approx(
+        predict(received, val.x, val.y, hospital.data.spec.task)[1], rel=1e-5
+    )
+
+
 def test_fedbn_keeps_batch_norm_at_the_hospital(tmp_path: Path) -> None:
     cfg = _config(tmp_path, strategy="fedbn", model="resnet18")
     hospital = _hospital(tmp_path, cfg)

@@ -19,8 +19,10 @@ from medbloom.metrics import MULTI_LABEL
 from medbloom.models import build_model
 from medbloom.training import (
     TrainResult,
+    class_log_prior,
     class_weights,
     labels_tensor,
+    loss_function,
     predict,
     resolve_device,
     resolve_precision,
@@ -219,6 +221,64 @@ def test_multi_label_pos_weight() -> None:
     w = class_weights(labels, 5, "balanced")
     assert w is not None
     np.testing.assert_allclose(w.numpy(), [4.0, 1.0, 0.1, 10.0, 1.0], rtol=1e-6)
+
+
+# ------------------------------------------------------------- logit adjustment
+
+
+def test_log_prior_is_the_log_of_the_class_frequencies() -> None:
+    prior = class_log_prior(np.array([0, 0, 0, 2]), 3, "logit-adjust")
+    assert prior is not None
+    np.testing.assert_allclose(prior.numpy(), [math.log(0.75), -1e4, math.log(0.25)], rtol=1e-6)
+    assert class_log_prior(np.array([0, 1]), 2, "balanced") is None
+    assert class_log_prior(np.array([0, 1]), 2, "none") is None
+    assert class_log_prior(np.array([], dtype=np.int64), 2, "logit-adjust") is None
+    # the two corrections never stack: logit-adjust gives no class weights
+    assert class_weights(np.array([0, 0, 1]), 2, "logit-adjust") is None
+    with pytest.raises(ConfigError, match="multi-label"):
+        class_log_prior(np.zeros((4, 3), dtype=np.uint8), 3, "logit-adjust")
+
+
+def test_the_logit_adjusted_loss_is_cross_entropy_of_the_shifted_logits() -> None:
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 0, 0, 2, 0])
+    prior = class_log_prior(y.numpy(), 3, "logit-adjust")
+    assert prior is not None
+    loss = loss_function("multi-class", log_prior=prior)(logits, y)
+    expected = F.cross_entropy(logits + prior, y)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    # a frequent class needs a wider margin: the loss exceeds plain cross-entropy's
+    # where the model favours the rare class, and is below it where it favours the
+    # frequent one
+    assert not math.isclose(float(loss), float(F.cross_entropy(logits, y)), rel_tol=1e-3)
+    with pytest.raises(ValueError, match="do not combine"):
+        loss_function("multi-class", torch.ones(3), prior)
+    with pytest.raises(ConfigError, match="one label per image"):
+        loss_function(MULTI_LABEL, log_prior=prior)
+
+
+def test_a_class_the_hospital_lacks_gets_no_push_down() -> None:
+    # a hospital with classes 0 and 2 only: plain cross-entropy drives the logits of class 1
+    # down (its row of the last layer moves); the logit adjustment leaves that row alone
+    x, labels = bright_dark(40, seed=3)
+    y = labels * 2  # classes 0 and 2 of 3
+    prior = class_log_prior(y.numpy(), 3, "logit-adjust")
+    start = linear_model(seed=8, outputs=3)
+    rows = {}
+    for name, kw in (("plain", {}), ("adjusted", {"log_prior": prior})):
+        model = copy.deepcopy(start)
+        train_local(model, x, y, task="multi-class", epochs=2, batch_size=8, lr=1e-2, **kw)
+        rows[name] = model[1].weight.detach()[1] - start[1].weight.detach()[1]
+    assert float(rows["plain"].abs().max()) > 1e-3
+    assert float(rows["adjusted"].abs().max()) == 0.0
+
+
+def test_a_uniform_prior_trains_as_plain_cross_entropy() -> None:
+    # the same shift on every logit changes no softmax: the update is plain training's
+    start = linear_model(seed=9, outputs=2)
+    prior = class_log_prior(np.array([0, 1] * 10), 2, "logit-adjust")
+    plain, adjusted = _train_copy(start, seed=2), _train_copy(start, seed=2, log_prior=prior)
+    torch.testing.assert_close(flat(adjusted), flat(plain), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- predict

@@ -44,7 +44,7 @@ PERSONAL = ("local", "fedper", "ditto", "fedbn", "fedavg-ft")
 NO_GLOBAL_MODEL = ("local", "fedper", "fedbn")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-CLASS_WEIGHTINGS = ("balanced", "none")
+CLASS_WEIGHTINGS = ("balanced", "logit-adjust", "none")
 PRETRAINED = ("none", "imagenet")
 FREEZE = ("none", "features")
 AUGMENT = ("auto", "none", "flip", "light")
@@ -162,7 +162,12 @@ class ExperimentConfig:
     )
     weight_decay: float = _knob(0.0, "client weight decay")
     class_weighting: str = _knob(
-        "balanced", "loss weights per class from the client's label counts", CLASS_WEIGHTINGS
+        "balanced",
+        "how local training's loss corrects for the hospital's own class counts: balanced "
+        "(weights n / (k * count) per class, at most 10), logit-adjust (the log of its "
+        "class frequencies added to the logits in training; a class it lacks is left out "
+        "of the softmax), none",
+        CLASS_WEIGHTINGS,
     )
     site_eval_every: int = _knob(
         1,
@@ -367,6 +372,11 @@ class ExperimentConfig:
             )
         if self.batched == "on" and self.augment not in ("none", "auto"):
             raise ConfigError("--batched on does not support --augment; use --augment none")
+        if self.batched == "on" and self.class_weighting == "logit-adjust":
+            raise ConfigError(
+                "--batched on trains with class weights only: use --class-weighting "
+                "balanced or none, or --batched off"
+            )
         if self.batched == "on" and self.precision == "bf16":
             raise ConfigError("--batched on trains in float32: use --precision auto or fp32")
         for ok, name, expected in checks:

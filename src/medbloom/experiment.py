@@ -28,10 +28,12 @@ from medbloom.data.registry import FOLDER_PREFIX, load_dataset, resolve_size, sp
 from medbloom.data.types import DatasetSpec, ImageSet, Splits
 from medbloom.errors import ConfigError, MedbloomError
 from medbloom.federation.strategies import build_strategy
+from medbloom.metrics import MULTI_LABEL
 from medbloom.models import build_model, resolve_model
 from medbloom.runs import check_writable, create_run_dir, default_run_dir, run_info
 from medbloom.system import longest_first
 from medbloom.training import (
+    class_log_prior,
     class_weights,
     labels_tensor,
     resolve_device,
@@ -216,6 +218,7 @@ class ClientData:
     train: TensorSplit
     val: TensorSplit
     weights: torch.Tensor | None
+    log_prior: torch.Tensor | None = None
 
 
 # Unbounded: a simulation actor serves many clients in turn (10 clients on 2 actors:
@@ -249,8 +252,14 @@ def _client_data(
     cfg: ExperimentConfig, splits: Splits, train_idx: np.ndarray, val_idx: np.ndarray
 ) -> ClientData:
     train, val = splits.train.subset(train_idx), splits.train.subset(val_idx)
-    weights = class_weights(train.labels, splits.spec.num_classes, cfg.class_weighting)
-    return ClientData(splits.spec, TensorSplit.of(train), TensorSplit.of(val), weights)
+    k, mode = splits.spec.num_classes, cfg.class_weighting
+    return ClientData(
+        splits.spec,
+        TensorSplit.of(train),
+        TensorSplit.of(val),
+        class_weights(train.labels, k, mode),
+        class_log_prior(train.labels, k, mode),
+    )
 
 
 @lru_cache(maxsize=2)
@@ -349,7 +358,12 @@ def prepare_run(
     cfg.validate()
     if cfg.score_model:
         cfg = scoring_config(cfg)
-    spec_of(cfg.dataset, cfg.size)
+    spec = spec_of(cfg.dataset, cfg.size)
+    if cfg.class_weighting == "logit-adjust" and spec.task == MULTI_LABEL:
+        raise ConfigError(
+            f"--class-weighting logit-adjust is for tasks with one label per image; "
+            f"{cfg.dataset} is multi-label: use balanced or none"
+        )
     size = resolve_size(cfg.dataset, cfg.size)
     # what --model auto stands for depends on --privacy: resolve it before anything builds
     cfg = cfg.replace(model=resolve_model(cfg.model, cfg.dataset, size, cfg.privacy))

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medbloom.errors import ConfigError
@@ -85,7 +86,7 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     class with a single local sample cannot dominate the update. For a multi-label
     task it returns the BCE ``pos_weight`` per label (negatives / positives, capped).
     """
-    if mode == "none" or len(labels) == 0:
+    if mode != "balanced" or len(labels) == 0:
         return None
     if labels.ndim == 2:
         pos = labels.astype(np.float64).sum(axis=0)
@@ -99,9 +100,62 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     return torch.tensor(np.clip(w, 0.1, 10.0), dtype=torch.float32)
 
 
-def loss_function(task: str, weights: torch.Tensor | None = None) -> nn.Module:
+# The log-frequency a class the hospital lacks gets: its logit is pushed out of the
+# softmax (exp(-1e4) is 0 in float32), so the loss never pushes it down.
+ABSENT_LOG_PRIOR = -1e4
+
+
+def class_log_prior(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """The log of one client's class frequencies, for ``--class-weighting logit-adjust``
+    (None for any other mode, or no labels).
+
+    Training adds it to the logits before the cross-entropy (logit adjustment, Menon et
+    al. 2021; the balanced softmax of Ren et al. 2020): a class the hospital sees often
+    must win by a wider margin, a rare one by less, and a class it lacks is left out of
+    the softmax (as FedRS restricts it, Li and Zhan 2021), so a hospital without glioma
+    images does not teach the shared model that nothing is glioma. Scoring uses the
+    plain logits: the model answers as if every class were equally common.
+    """
+    if mode != "logit-adjust" or len(labels) == 0:
+        return None
+    if labels.ndim == 2:
+        raise ConfigError(
+            "--class-weighting logit-adjust is for tasks with one label per image; this "
+            "data set is multi-label: use balanced or none"
+        )
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.float64)
+    prior = np.full(num_classes, ABSENT_LOG_PRIOR)
+    present = counts > 0
+    prior[present] = np.log(counts[present] / counts.sum())
+    return torch.tensor(prior, dtype=torch.float32)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy of ``logits + log_prior`` (see :func:`class_log_prior`)."""
+
+    log_prior: torch.Tensor
+
+    def __init__(self, log_prior: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("log_prior", log_prior)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.log_prior.to(logits.dtype), target)
+
+
+def loss_function(
+    task: str, weights: torch.Tensor | None = None, log_prior: torch.Tensor | None = None
+) -> nn.Module:
+    """The training loss: cross-entropy (binary per label for multi-label tasks) with
+    class ``weights``, or logit-adjusted by ``log_prior`` (never both)."""
+    if weights is not None and log_prior is not None:
+        raise ValueError("class weights and a logit adjustment do not combine: pass one")
     if task == MULTI_LABEL:
+        if log_prior is not None:
+            raise ConfigError("a logit adjustment is for tasks with one label per image")
         return nn.BCEWithLogitsLoss(pos_weight=weights)
+    if log_prior is not None:
+        return LogitAdjustedLoss(log_prior)
     return nn.CrossEntropyLoss(weight=weights)
 
 
@@ -136,6 +190,7 @@ def train_local(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     weights: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
     proximal_mu: float = 0.0,
     proximal_to: list[torch.Tensor] | None = None,
     seed: int = 0,
@@ -145,7 +200,9 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place on one client's tensors and return mean loss and accuracy.
 
-    ``augment`` transforms each batch of images (on the device) before the forward pass.
+    ``weights`` (class weights) or ``log_prior`` (a logit adjustment) correct the loss
+    for the client's class counts. ``augment`` transforms each batch of images (on the
+    device) before the forward pass.
     ``amp_dtype`` (see :func:`resolve_precision`) runs the forward pass and the loss
     under autocast; weights, gradients and optimizer state stay float32.
 
@@ -157,7 +214,7 @@ def train_local(
     device = device or torch.device("cpu")
     model.to(device).train()
     x, y = x.to(device), y.to(device)
-    criterion = loss_function(task, None if weights is None else weights.to(device))
+    criterion = loss_function(task, weights, log_prior).to(device)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     global_params: list[torch.Tensor] = []
     if proximal_mu > 0:

@@ -87,11 +87,24 @@ def _scores(
     device: torch.device,
     amp: torch.dtype | None,
     prefix: str = "site_",
+    log_prior: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``site_accuracy``, ``site_auc`` (NaN where the split lacks a class),
     ``site_balanced_accuracy`` and ``site_loss`` of ``model`` on ``split`` (another
-    ``prefix`` than ``site_`` where given)."""
+    ``prefix`` than ``site_`` where given).
+
+    ``log_prior``: the hospital's log class frequencies, added back to the logits of a
+    personal model trained with ``--class-weighting logit-adjust``. Such a model learns
+    as if every class were equally common; the hospital's own model serves the
+    hospital's patients, whose class mix is the one it trained on (Menon et al.'s
+    post-hoc adjustment, reversed). The global model is scored without it."""
     probs, loss = predict(model, split.x, split.y, task, device=device, amp_dtype=amp)
+    if log_prior is not None and len(probs):
+        z = np.log(np.clip(probs, 1e-12, None)) + log_prior.numpy()
+        z -= z.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        truth = np.asarray(split.labels).reshape(-1).astype(int)
+        loss = float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None)).mean())
     scores = evaluate_scores(split.labels, probs, task)
     return {
         f"{prefix}accuracy": scores["accuracy"],
@@ -115,11 +128,13 @@ def fit(
     epochs: int | None = None,
     proximal_mu: float = 0.0,
     proximal_to: list[torch.Tensor] | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> TrainResult:
     """Local training of ``model`` on ``train`` with the run's recipe for
     ``server_round`` (optimizer, learning rate, batch size, augmentation, class
-    ``weights``); ``epochs`` defaults to ``--local-epochs``. A hospital's training and
-    the pooled baseline's both come through here."""
+    ``weights`` or the ``log_prior`` of a logit adjustment); ``epochs`` defaults to
+    ``--local-epochs``. A hospital's training and the pooled baseline's both come
+    through here."""
     return train_local(
         model,
         train.x,
@@ -131,6 +146,7 @@ def fit(
         lr=cfg.round_lr(server_round),
         weight_decay=cfg.weight_decay,
         weights=weights,
+        log_prior=log_prior,
         proximal_mu=proximal_mu,
         proximal_to=proximal_to,
         seed=seed,
@@ -251,7 +267,9 @@ class Hospital:
             own = copy.deepcopy(model)
             load_arrays(own, store.before(server_round) or received)
             if scoring:
-                personal = _scores(own, data.val, data.spec.task, device, amp, "personal_")
+                personal = _scores(
+                    own, data.val, data.spec.task, device, amp, "personal_", data.log_prior
+                )
             result = self._fit(model, server_round, seed, device, amp, config)
             self._fit(
                 own, server_round, personal_seed, device, amp, config,
@@ -265,14 +283,18 @@ class Hospital:
                     tuned, server_round, personal_seed, device, amp, config,
                     epochs=cfg.finetune_epochs,
                 )  # fmt: skip
-                personal = _scores(tuned, data.val, data.spec.task, device, amp, "personal_")
+                personal = _scores(
+                    tuned, data.val, data.spec.task, device, amp, "personal_", data.log_prior
+                )
             result = self._fit(model, server_round, seed, device, amp, config)
         else:
             saved = store.before(server_round) if store is not None else None
             if saved is not None:
                 load_arrays(model, {**received, **saved})
             if scoring and store is not None:
-                personal = _scores(model, data.val, data.spec.task, device, amp, "personal_")
+                personal = _scores(
+                    model, data.val, data.spec.task, device, amp, "personal_", data.log_prior
+                )
             elif scoring:  # the model this hospital uses is the global one
                 personal = as_personal(site)
             result = self._fit(model, server_round, seed, device, amp, config)
@@ -351,6 +373,7 @@ class Hospital:
         return fit(
             self.cfg, model, data.train, data.weights, data.spec, server_round, seed,
             device, amp, epochs=epochs, proximal_mu=proximal_mu, proximal_to=proximal_to,
+            log_prior=data.log_prior,
         )  # fmt: skip
 
     def _received_model(
@@ -410,7 +433,7 @@ class Hospital:
             data.train.x,
             data.train.y,
             plan=plan,
-            criterion=loss_function(data.spec.task, data.weights),
+            criterion=loss_function(data.spec.task, data.weights, data.log_prior),
             make_optimizer=lambda m: make_optimizer(
                 m, cfg.optimizer_name(), cfg.round_lr(server_round), cfg.weight_decay
             ),

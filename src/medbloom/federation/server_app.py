@@ -601,7 +601,7 @@ class PooledTrainer:
 
     def __init__(self, cfg: ExperimentConfig, evaluator: Evaluator) -> None:
         from medbloom.experiment import client_data
-        from medbloom.training import class_weights
+        from medbloom.training import class_log_prior, class_weights
 
         self.cfg = cfg
         self.sites = [client_data(cfg, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
@@ -610,9 +610,9 @@ class PooledTrainer:
             torch.cat([d.train.y for d in self.sites]),
             np.concatenate([d.train.labels for d in self.sites]),
         )
-        self.weights = class_weights(
-            self.train_split.labels, evaluator.spec.num_classes, cfg.class_weighting
-        )
+        labels, k = self.train_split.labels, evaluator.spec.num_classes
+        self.weights = class_weights(labels, k, cfg.class_weighting)
+        self.log_prior = class_log_prior(labels, k, cfg.class_weighting)
         self.model = initial_model(cfg, evaluator.spec)
         self.layout = evaluator.layout
 
@@ -637,8 +637,9 @@ class PooledTrainer:
         ]
         seed = client_seed(cfg.seed, server_round, 0)
         result = fit(
-            cfg, self.model, self.train_split, self.weights, spec, server_round, seed, device, amp
-        )
+            cfg, self.model, self.train_split, self.weights, spec, server_round, seed, device,
+            amp, log_prior=self.log_prior,
+        )  # fmt: skip
         rows = []
         seconds = time.monotonic() - started
         for pid, (site, scored) in enumerate(zip(self.sites, scores, strict=True)):
