@@ -24,8 +24,12 @@ from PIL import Image
 
 from conftest import SHARED_DATA, Cli
 from medbloom.calibration import (
+    calibrated,
+    class_bias_report,
     expected_calibration_error,
+    fit_class_bias,
     fit_temperature,
+    logits_of,
     scaled,
 )
 from medbloom.config import ExperimentConfig
@@ -147,6 +151,66 @@ def test_temperature_scaling_lowers_an_over_confident_models_ece() -> None:
     assert (scaled(test[1], t, "multi-class").argmax(1) == test[1].argmax(1)).all()
 
 
+def _shifted_model(n: int, rng: np.random.Generator, shift: float) -> tuple[np.ndarray, ...]:
+    """Planted: three classes equally common; the model's logits say the true class
+    fairly well, but it has learnt a prior against class 0 (its logit lowered by
+    ``shift``), as a federated model does whose largest hospital seldom sees it."""
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1, (n, 3))
+    logits[np.arange(n), labels] += 2.0
+    logits[:, 0] -= shift
+    return labels, calibrated(logits, 1.0, "multi-class")
+
+
+def test_class_bias_correction_undoes_a_models_prior_against_a_class() -> None:
+    rng = np.random.default_rng(3)
+    val, test = _shifted_model(3000, rng, 2.0), _shifted_model(3000, rng, 2.0)
+    fitted = fit_class_bias(*val, "multi-class")
+    assert fitted is not None
+    t, bias = fitted
+    assert bias.sum() == pytest.approx(0, abs=1e-9)  # centred: only differences count
+    # The true posterior is known: the logit of the true class is N(2, 1), the others'
+    # N(0, 1), so log p(class | logits) = 2 * (logit + shift on class 0) + a constant:
+    # temperature 1/2 and, for class 0, a bias 2 * shift above the others'.
+    assert t == pytest.approx(0.5, abs=0.05)
+    assert bias[0] - bias[1:].mean() == pytest.approx(4.0, abs=0.4)
+    clean = np.arange(0, 3000, 2)  # a subset given by indices, as the clean split is
+    report = class_bias_report(*val, *test, "multi-class", clean)
+    assert report is not None
+    before, after = report["test"]["before"], report["test"]["after"]
+    assert before["recall"][0] < 0.5 < 0.7 < after["recall"][0]
+    assert after["accuracy"] > before["accuracy"] + 0.05
+    assert after["balanced_accuracy"] > before["balanced_accuracy"] + 0.05
+    assert report["clean"]["after"]["accuracy"] > report["clean"]["before"]["accuracy"]
+    labels, probs = test
+    expected = (probs[clean].argmax(1) == labels[clean]).mean()
+    assert report["clean"]["before"]["accuracy"] == pytest.approx(expected)
+    corrected = calibrated(logits_of(probs, "multi-class"), t, "multi-class", bias)
+    assert report["test"]["after"]["accuracy"] == pytest.approx(
+        (corrected.argmax(1) == labels).mean()
+    )
+
+
+def test_class_bias_correction_of_an_unbiased_model_changes_little() -> None:
+    rng = np.random.default_rng(4)
+    val, test = _shifted_model(3000, rng, 0.0), _shifted_model(3000, rng, 0.0)
+    report = class_bias_report(*val, *test, "multi-class")
+    assert report is not None
+    assert max(abs(b) for b in report["bias"]) < 0.15
+    before, after = report["test"]["before"], report["test"]["after"]
+    assert after["accuracy"] == pytest.approx(before["accuracy"], abs=0.01)
+
+
+def test_class_bias_correction_is_not_fitted_where_it_cannot_be() -> None:
+    rng = np.random.default_rng(5)
+    labels, probs = _shifted_model(200, rng, 1.0)
+    # a class absent from validation: its bias would run off to minus infinity
+    assert fit_class_bias(np.where(labels == 2, 1, labels), probs, "multi-class") is None
+    assert fit_class_bias(labels[:0], probs[:0], "multi-class") is None
+    multi = (rng.random((50, 4)) < 0.3).astype(int)
+    assert fit_class_bias(multi, rng.random((50, 4)), "multi-label, binary-class") is None
+
+
 def test_ece_of_a_calibrated_binary_model_is_small_and_of_a_wrong_one_large() -> None:
     rng = np.random.default_rng(1)
     p = rng.random(20000)
@@ -168,7 +232,58 @@ def test_every_run_reports_calibration_fitted_on_validation(run_dir: Path) -> No
         assert "reliability_before" not in entry  # the bins are in calibration.json only
         bins = record[which]["reliability_before"]
         assert sum(b["count"] for b in bins) == 20  # the test split's images
+        # the class-bias correction, fitted on the same validation split; its "before"
+        # is the run's own score of the same model
+        bias = entry["class_bias"]
+        assert bias["fitted_on"] == "validation split" and len(bias["bias"]) == 4
+        assert sum(bias["bias"]) == pytest.approx(0, abs=1e-6)
+        assert set(bias) >= {"test", "clean"}
+    final = summary["calibration"]["final"]["class_bias"]["test"]["before"]
+    assert final["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    assert final["balanced_accuracy"] == pytest.approx(summary["final"]["balanced_accuracy"])
+    from medbloom.cli import summary_lines
+
+    line = next(x for x in summary_lines(summary) if x.startswith("class-bias correction"))
+    best = summary["calibration"]["best"]["class_bias"]["clean"]
+    assert f"clean test acc {best['after']['accuracy']:.4f}" in line
+    assert f"(without {best['before']['accuracy']:.4f})" in line
     assert (run_dir / "reliability.png").stat().st_size > 5000
+
+
+def test_predict_with_class_biases_applies_the_fitted_ones(
+    run_cli: Cli, run_dir: Path, images: Path, tmp_path: Path
+) -> None:
+    from medbloom.trained import load_trained, preprocess
+
+    out = tmp_path / "pred.csv"
+    proc = run_cli("predict", str(run_dir), str(images), "--out", str(out), "--calibration",
+                   "class-bias", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "class biases" in proc.stdout
+    fitted = json.loads((run_dir / "calibration.json").read_text())["best"]["class_bias"]
+    trained = load_trained(run_dir, "best", "class-bias")
+    assert trained.temperature == fitted["temperature"]
+    assert trained.bias is not None and list(trained.bias) == fitted["bias"]
+    for row in _rows(out)[:5]:
+        x = torch.from_numpy(preprocess(trained, Path(row["path"]))[None]).float() / 127.5 - 1
+        with torch.no_grad():
+            logits = trained.model(x).numpy()
+        expected = calibrated(
+            logits, fitted["temperature"], "multi-class", np.array(fitted["bias"])
+        )
+        p = np.array([float(row[f"p_{c}"]) for c in CLASSES])
+        assert p == pytest.approx(expected[0], abs=1e-5)
+    # a run that recorded none (made before medbloom fitted one): one line, exit 2
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    record = json.loads((old / "calibration.json").read_text())
+    for entry in record.values():
+        entry.pop("class_bias")
+    (old / "calibration.json").write_text(json.dumps(record))
+    for command in (["predict", str(old), str(images)], ["export", str(old)]):
+        proc = run_cli(*command, "--calibration", "class-bias", "--out", str(tmp_path / "o"),
+                       cwd=tmp_path)  # fmt: skip
+        one_line_error(proc, "--calibration class-bias", "--calibration temperature")
 
 
 # ------------------------------------------------------------------ predict

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 MULTI_LABEL = "multi-label, binary-class"
 ECE_BINS = 15
@@ -38,10 +38,14 @@ def logits_of(probs: np.ndarray, task: str) -> np.ndarray:
     return np.log(p)
 
 
-def calibrated(logits: np.ndarray, temperature: float, task: str) -> np.ndarray:
-    """Probabilities of ``logits`` divided by ``temperature``: softmax, or a sigmoid
-    per label for a multi-label task."""
+def calibrated(
+    logits: np.ndarray, temperature: float, task: str, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Probabilities of ``logits`` divided by ``temperature`` (plus a per-class ``bias``,
+    see :func:`fit_class_bias`): softmax, or a sigmoid per label for a multi-label task."""
     z = np.asarray(logits, dtype=np.float64) / temperature
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
     if task == MULTI_LABEL:
         return 1.0 / (1.0 + np.exp(-z))
     z = z - z.max(axis=1, keepdims=True)
@@ -132,15 +136,112 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: str) -> float:
     return float(math.exp(result.x))
 
 
+def fit_class_bias(
+    labels: np.ndarray, probs: np.ndarray, task: str
+) -> tuple[float, np.ndarray] | None:
+    """Bias-corrected temperature scaling (BCTS; Alexandari et al., ICML 2020): one
+    temperature T and a bias per class, fitted together on ``labels`` (the validation
+    split) by maximum likelihood, so that ``softmax(logits / T + bias)`` is calibrated.
+
+    Unlike T alone, the biases move decisions: a federated model whose hospitals see a
+    class seldom (or whose largest hospital does) learns to under-call it, and the
+    biases undo that shift in the model's prior, measured on images with the training
+    images' class mix. Returns (T, biases centred on 0), or None where it does not
+    apply: a multi-label task, or a validation split that lacks a class (its bias
+    would run off to minus infinity).
+    """
+    if task == MULTI_LABEL or not len(probs):
+        return None
+    z = logits_of(probs, task)
+    y = np.asarray(labels).reshape(-1).astype(int)
+    k = z.shape[1]
+    if np.bincount(y, minlength=k).min() == 0:
+        return None
+    onehot = np.eye(k)[y]
+
+    def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
+        t, b = math.exp(params[0]), params[1:]
+        s = z / t + b
+        s = s - s.max(axis=1, keepdims=True)
+        log_p = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+        diff = np.exp(log_p) - onehot  # d loss / d s, per image and class
+        grad_log_t = -float((diff * z).sum(axis=1).mean()) / t
+        return -float(log_p[np.arange(len(y)), y].mean()), np.r_[grad_log_t, diff.mean(0)]
+
+    low, high = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+    result = minimize(
+        loss_and_grad,
+        np.r_[math.log(fit_temperature(labels, probs, task)), np.zeros(k)],
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(low, high)] + [(None, None)] * k,
+    )
+    bias = result.x[1:] - result.x[1:].mean()
+    return float(math.exp(result.x[0])), bias
+
+
+def _decisions(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and recall per class of ``probs``' top class."""
+    y = np.asarray(labels).reshape(-1).astype(int)
+    pred = np.asarray(probs).argmax(axis=1)
+    recall = [
+        float((pred[y == c] == c).mean()) if (y == c).any() else float("nan")
+        for c in range(np.asarray(probs).shape[1])
+    ]
+    present = [r for r in recall if not math.isnan(r)]
+    return {
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "balanced_accuracy": float(np.mean(present)) if present else float("nan"),
+        "recall": recall,
+    }
+
+
+def class_bias_report(
+    val_labels: np.ndarray,
+    val_probs: np.ndarray,
+    test_labels: np.ndarray,
+    test_probs: np.ndarray,
+    task: str,
+    clean: np.ndarray | None = None,
+) -> dict[str, Any] | None:
+    """:func:`fit_class_bias` on validation, and what it does to the decisions on the
+    test split (and its ``clean`` subset: indices into it): accuracy, balanced accuracy
+    and recall per class, without (``before``) and with it (``after``)."""
+    fitted = fit_class_bias(val_labels, val_probs, task)
+    if fitted is None:
+        return None
+    t, bias = fitted
+    after = calibrated(logits_of(test_probs, task), t, task, bias)
+    out: dict[str, Any] = {
+        "temperature": t,
+        "bias": [float(b) for b in bias],
+        "fitted_on": "validation split",
+        "test_ece_after": expected_calibration_error(test_labels, after, task),
+        "test": {
+            "before": _decisions(test_labels, test_probs),
+            "after": _decisions(test_labels, after),
+        },
+    }
+    if clean is not None and len(clean):
+        labels = np.asarray(test_labels).reshape(-1)[clean]
+        out["clean"] = {
+            "before": _decisions(labels, np.asarray(test_probs)[clean]),
+            "after": _decisions(labels, after[clean]),
+        }
+    return out
+
+
 def calibration_report(
     val_labels: np.ndarray,
     val_probs: np.ndarray,
     test_labels: np.ndarray,
     test_probs: np.ndarray,
     task: str,
+    clean: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Temperature fitted on validation; ECE and NLL on test before and after, with the
-    reliability bins of both."""
+    reliability bins of both; and the class-bias correction (:func:`class_bias_report`,
+    None where it does not apply)."""
     t = fit_temperature(val_labels, val_probs, task)
     after = scaled(test_probs, t, task)
     return {
@@ -154,6 +255,9 @@ def calibration_report(
         "val_ece_before": expected_calibration_error(val_labels, val_probs, task),
         "reliability_before": reliability(test_labels, test_probs, task),
         "reliability_after": reliability(test_labels, after, task),
+        "class_bias": class_bias_report(
+            val_labels, val_probs, test_labels, test_probs, task, clean
+        ),
     }
 
 

@@ -325,9 +325,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         from medbloom.privacy import describe
 
         lines.append(describe(summary.get("privacy")))
-    calibration = (summary.get("calibration") or {}).get("best") or (
-        summary.get("calibration") or {}
-    ).get("final")
+    records = summary.get("calibration") or {}
+    which = "best" if records.get("best") else "final"
+    calibration = records.get(which)
     if calibration:
         lines.append(
             f"calibration: test ECE {calibration['test_ece_before']:.4f}, "
@@ -335,6 +335,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"{calibration['temperature']:.3f} (fitted on validation; used by predict and "
             "export); see reliability.png"
         )
+        bias = calibration.get("class_bias")
+        if bias:
+            lines.append(_class_bias_line(bias, which))
     if intervals:
         lines.append(
             f"[ ]: {intervals['level']:.0%} bootstrap intervals, {intervals['resamples']} "
@@ -584,10 +587,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_bias_line(bias: dict[str, Any], which: str) -> str:
+    """What the class-bias correction does to the decisions of the ``which`` model."""
+
+    def pair(split: str, key: str) -> str:
+        after, before = bias[split]["after"][key], bias[split]["before"][key]
+        return f"{after:.4f} (without {before:.4f})"
+
+    parts = [f"test acc {pair('test', 'accuracy')}"]
+    if bias.get("clean"):
+        parts.append(f"clean test acc {pair('clean', 'accuracy')}")
+    parts.append(f"balanced acc {pair('test', 'balanced_accuracy')}")
+    return (
+        f"class-bias correction of the {which} model (BCTS, fitted on validation; "
+        f"--calibration class-bias in predict, export and evaluate): {', '.join(parts)}"
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from medbloom.trained import load_trained, predict_files
 
-    trained = load_trained(Path(args.run_dir), args.which)
+    trained = load_trained(Path(args.run_dir), args.which, args.calibration)
     out = Path(args.out) if args.out else Path(args.run_dir) / "predictions.csv"
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder, expected a CSV file name")
@@ -598,6 +618,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(
         f"{scored} image(s) scored by the {trained.which} model (round {trained.round}, "
         f"temperature {trained.temperature:.3f}"
+        + (", class biases" if trained.bias is not None else "")
         + (f", {onnx}" if onnx else "")
         + f"); {len(skipped)} skipped; {out}"
     )
@@ -607,7 +628,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from medbloom.trained import export_model, load_trained
 
-    trained = load_trained(Path(args.run_dir), args.which)
+    trained = load_trained(Path(args.run_dir), args.which, args.calibration)
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"model{suffix}"
     model_file, sidecar = export_model(trained, args.format, out)
@@ -619,7 +640,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medbloom.runs import atomic_write_json
     from medbloom.trained import default_evaluation_path, evaluate_on, load_trained
 
-    trained = load_trained(Path(args.run_dir), args.which)
+    trained = load_trained(Path(args.run_dir), args.which, args.calibration)
     result = evaluate_on(trained, args.dataset, args.data_dir or None, args.split)
     out = (
         Path(args.out)
@@ -635,7 +656,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, label in (("accuracy", "ACC"), ("auc", "AUC"), ("f1", "macro F1")):
         low, high = ci[key]
         print(f"  {label:9s} {s[key]:.4f}  [95% CI {low:.4f}, {high:.4f}]")
-    print(f"  ECE       {s['ece']:.4f}  (temperature {trained.temperature:.3f})")
+    biases = ", class biases" if trained.bias is not None else ""
+    print(f"  ECE       {s['ece']:.4f}  (temperature {trained.temperature:.3f}{biases})")
     print(out)
     return 0
 
@@ -791,6 +813,15 @@ def build_parser() -> argparse.ArgumentParser:
             default="best",
             choices=("best", "final"),
             help="best (highest validation AUC, the default) or final",
+        )
+        command.add_argument(
+            "--calibration",
+            default="temperature",
+            choices=("temperature", "class-bias"),
+            help="temperature (the default): probabilities softened by the temperature "
+            "fitted on validation, no decision changes; class-bias: also a bias per "
+            "class fitted on validation (BCTS), which moves decisions where the model "
+            "under-calls a class (benchmarks/README.md)",
         )
 
     predict = sub.add_parser(

@@ -220,8 +220,17 @@ def model_card(run_dir: Path) -> str:
                 add(f"- {name} model: temperature {_f(c['temperature'], 3)} (fitted on the "
                     f"validation split); test ECE {_f(c['test_ece_before'])} before, "
                     f"{_f(c['test_ece_after'])} after")  # fmt: skip
-        add("- `medbloom predict` and `medbloom export` apply the temperature; "
-            "`reliability.png` shows the reliability diagram.\n")  # fmt: skip
+                bias = c.get("class_bias")
+                if bias:
+                    t = bias["test"]
+                    add(f"- {name} model, class-bias correction (BCTS: a temperature and "
+                        f"a bias per class, fitted on the validation split): test ACC "
+                        f"{_f(t['after']['accuracy'])} with it, {_f(t['before']['accuracy'])} "
+                        f"without; balanced ACC {_f(t['after']['balanced_accuracy'])} and "
+                        f"{_f(t['before']['balanced_accuracy'])}")  # fmt: skip
+        add("- `medbloom predict` and `medbloom export` apply the temperature, and the "
+            "class biases with `--calibration class-bias`; `reliability.png` shows the "
+            "reliability diagram.\n")  # fmt: skip
     else:
         add(
             "Not recorded (the run ended before its calibration step, or was made by an "

@@ -5,8 +5,9 @@ the model and its weights (``checkpoints/best.pt`` or ``latest.pt``, read with
 ``weights_only=True``: tensors and plain data, never code), the classes, image size,
 channels and task (``summary.json``), the preprocessing (the data set's own recipe:
 Brain Tumor MRI is cropped to the head, other sets only padded to a square and resized;
-pixels scaled to [-1, 1]) and the calibration temperature (``calibration.json``,
-fitted on the validation split when the run ended).
+pixels scaled to [-1, 1]) and the calibration (``calibration.json``, fitted on the
+validation split when the run ended): the temperature, or with ``--calibration
+class-bias`` the temperature and per-class biases of the class-bias correction.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from medbloom.training import to_tensor
 # What `medbloom predict` reads from a folder: the image formats the loaders decode.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 WHICH = ("best", "final")
+CALIBRATIONS = ("temperature", "class-bias")
 # the input scaling every medbloom model expects (ImageNet backbones rescale inside)
 NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0, "formula": "x / 127.5 - 1 (x: 0-255)"}
 
@@ -53,6 +55,8 @@ class TrainedModel:
     round: int
     temperature: float
     crop: bool
+    # per-class biases added after the temperature (--calibration class-bias); None: none
+    bias: np.ndarray | None = None
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -80,8 +84,13 @@ class TrainedModel:
             "class_names": list(self.spec.class_names),
             "output": "logits; probabilities = "
             + ("sigmoid" if self.spec.task == MULTI_LABEL else "softmax")
-            + "(logits / temperature)",
+            + (
+                "(logits / temperature)"
+                if self.bias is None
+                else "(logits / temperature + class_bias)"
+            ),
             "temperature": self.temperature,
+            "class_bias": None if self.bias is None else [float(b) for b in self.bias],
             "preprocessing": self.preprocessing,
         }
 
@@ -89,7 +98,7 @@ class TrainedModel:
         """Calibrated probabilities of a batch of preprocessed images (float in [-1, 1])."""
         with torch.no_grad():
             logits = self.model(x).float()
-        return calibrated(logits.numpy(), self.temperature, self.spec.task)
+        return calibrated(logits.numpy(), self.temperature, self.spec.task, self.bias)
 
 
 def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
@@ -134,10 +143,34 @@ def temperature_of(run_dir: Path, which: str) -> float:
     return t if np.isfinite(t) and t > 0 else 1.0
 
 
-def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
+def class_bias_of(run_dir: Path, which: str) -> tuple[float, np.ndarray]:
+    """The temperature and per-class biases of the class-bias correction fitted for the
+    run's ``which`` model (``calibration.json``); a one-line :class:`ConfigError` when
+    the run has none."""
+    try:
+        record = json.loads((run_dir / "calibration.json").read_text(encoding="utf-8"))
+        fitted = record[which]["class_bias"]
+        t, bias = float(fitted["temperature"]), np.asarray(fitted["bias"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError):
+        fitted = None
+    if not fitted or not (np.isfinite(t) and t > 0 and np.isfinite(bias).all()):
+        raise ConfigError(
+            f"--calibration class-bias: {run_dir} records no class-bias correction for its "
+            f"{which} model (calibration.json: a multi-label task, a validation split "
+            "without every class, or a run made before medbloom fitted one); use "
+            "--calibration temperature"
+        )
+    return t, bias
+
+
+def load_trained(
+    run_dir: Path, which: str = "best", calibration: str = "temperature"
+) -> TrainedModel:
     """The run's ``best`` (highest validation AUC) or ``final`` model with its weights,
-    preprocessing and temperature; a one-line :class:`MedbloomError` for a path that is
-    not a run, a run without checkpoints, or a checkpoint that is unsafe or broken."""
+    preprocessing and calibration (``temperature``, or ``class-bias``: the temperature
+    and per-class biases of :func:`medbloom.calibration.fit_class_bias`); a one-line
+    :class:`MedbloomError` for a path that is not a run, a run without checkpoints, a
+    checkpoint that is unsafe or broken, or a calibration the run did not record."""
     from medbloom.data.registry import BRAIN_TUMOR_MRI
     from medbloom.experiment import load_run_config
     from medbloom.models import build_model
@@ -146,6 +179,8 @@ def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
 
     if which not in WHICH:
         raise ConfigError(f"--which {which!r}: expected best or final")
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(f"--calibration {calibration!r}: expected {' or '.join(CALIBRATIONS)}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NotARun(f"{run_dir}: no such run directory")
@@ -161,6 +196,9 @@ def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
     path = run_dir / "checkpoints" / ("best.pt" if which == "best" else "latest.pt")
     if not path.is_file():
         raise NotARun(f"{run_dir}: no checkpoints/{path.name} (the run recorded no round yet)")
+    temperature, bias = temperature_of(run_dir, which), None
+    if calibration == "class-bias":
+        temperature, bias = class_bias_of(run_dir, which)
     ckpt = load_checkpoint(path)
     model = build_model(
         cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False,
@@ -178,8 +216,9 @@ def load_trained(run_dir: Path, which: str = "best") -> TrainedModel:
         model=model,
         which=which,
         round=int(ckpt["round"]),
-        temperature=temperature_of(run_dir, which),
+        temperature=temperature,
         crop=cfg.dataset == BRAIN_TUMOR_MRI,
+        bias=bias,
     )
 
 
@@ -276,7 +315,7 @@ def predict_files(
                 x = to_tensor(np.stack(arrays))
                 if session is not None:
                     logits = session.run(None, {"image": x.numpy()})[0]
-                    probs = calibrated(logits, trained.temperature, trained.spec.task)
+                    probs = calibrated(logits, trained.temperature, trained.spec.task, trained.bias)
                 else:
                     probs = trained.probabilities(x)
                 for path, p in zip(kept, probs, strict=True):
@@ -480,6 +519,7 @@ def evaluate_on(
         "split": split,
         "images": int(len(images)),
         "temperature": trained.temperature,
+        "class_bias": None if trained.bias is None else [float(b) for b in trained.bias],
         "scores": scores,
         "intervals": bootstrap_intervals(
             labels, probs, task, BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL, seed

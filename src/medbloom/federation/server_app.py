@@ -107,19 +107,25 @@ class Evaluator:
     def calibration(self, run_dir: Path) -> dict[str, Any]:
         """Temperature scaling of the final model and of the best one
         (``checkpoints/best.pt``): each fitted on the validation split, its ECE on the
-        test split before and after (:mod:`medbloom.calibration`)."""
+        test split before and after, and the class-bias correction's decisions on the
+        test and clean test splits (:mod:`medbloom.calibration`)."""
         from medbloom.calibration import calibration_report
 
         task = self.spec.task
         out: dict[str, Any] = {}
         if self.last_probs is not None and self.last_val_probs is not None:
             out["final"] = calibration_report(
-                self.val.labels, self.last_val_probs, self.test.labels, self.last_probs, task
+                self.val.labels,
+                self.last_val_probs,
+                self.test.labels,
+                self.last_probs,
+                task,
+                self.clean,
             )
         best = self.best_probs(run_dir)
         if best is not None:
             out["best"] = calibration_report(
-                self.val.labels, best["val"], self.test.labels, best["test"], task
+                self.val.labels, best["val"], self.test.labels, best["test"], task, self.clean
             )
         return out
 
