@@ -50,6 +50,34 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Plan, **kw:
     )
 
 
+def test_dp_sgd_trains_with_the_logit_adjusted_loss() -> None:
+    """Opacus' per-sample gradients of the logit-adjusted loss: without noise, a class
+    the hospital lacks gets no gradient at all, so its output row stays where it was;
+    with plain cross-entropy it moves."""
+    from medbloom.training import class_log_prior, loss_function
+
+    torch.manual_seed(1)
+    x, y = torch.randn(24, 1, 4, 4), torch.arange(24) % 2 * 2  # classes 0 and 2 of 3
+    prior = class_log_prior(y.numpy(), 3, "logit-adjust")
+    rows = {}
+    for name, criterion in (
+        ("plain", nn.CrossEntropyLoss()),
+        ("adjusted", loss_function("multi-class", log_prior=prior)),
+    ):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        before = model[1].weight[1].detach().clone()
+        train_private(
+            model, x, y, plan=_plan(0.0), criterion=criterion,
+            make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0), epochs=1,
+            batch_size=len(x), seed=0, noise_seed=1, device=torch.device("cpu"),
+            augment=None, correct=_ce,
+        )  # fmt: skip
+        rows[name] = float((model[1].weight[1].detach() - before).abs().max())
+    assert rows["plain"] > 1e-3
+    assert rows["adjusted"] == 0.0
+
+
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 

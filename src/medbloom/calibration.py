@@ -31,11 +31,17 @@ _EPS = 1e-7
 
 
 def logits_of(probs: np.ndarray, task: str) -> np.ndarray:
-    """Logits (up to a per-image constant for softmax) of recorded probabilities."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    """Logits (up to a per-image constant for softmax) of recorded probabilities.
+
+    Softmax probabilities are floored at 1e-300 only (a float32 probability can be as
+    small as 1e-45): an over-confident model puts many classes below 1e-7, and flooring
+    them there would erase how far below they are, which the temperature and the class
+    biases are fitted from."""
+    p = np.asarray(probs, dtype=np.float64)
     if task == MULTI_LABEL:
+        p = np.clip(p, _EPS, 1 - _EPS)
         return np.log(p) - np.log1p(-p)
-    return np.log(p)
+    return np.log(np.maximum(p, 1e-300))
 
 
 def calibrated(

@@ -592,6 +592,8 @@ def _class_bias_line(bias: dict[str, Any], which: str) -> str:
 
     def pair(split: str, key: str) -> str:
         after, before = bias[split]["after"][key], bias[split]["before"][key]
+        if after is None or before is None:  # NaN in summary.json: an empty split
+            return "n/a"
         return f"{after:.4f} (without {before:.4f})"
 
     parts = [f"test acc {pair('test', 'accuracy')}"]

@@ -204,6 +204,7 @@ def train_private(
     from torch.utils.data import DataLoader, TensorDataset
 
     work = copy.deepcopy(model).to(device).train()
+    criterion = criterion.to(device)  # its class weights or log prior, beside the logits
     for module in work.modules():
         # an in-place activation overwrites the view Opacus' hooks keep
         if getattr(module, "inplace", False):
