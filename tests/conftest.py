@@ -55,6 +55,42 @@ def ray_processes(tag: str) -> set[int]:
     return pids
 
 
+# Each pytest-xdist worker runs on CPUs of its own: N workers on at least N CPUs split
+# them (on 2 cores, one each). Every process a test starts inherits the mask, and
+# medbloom sizes its Ray instance by it (system.usable_cpus), so an in-process
+# simulation starts one Ray worker per CPU it has, not per CPU of the machine: on 2
+# cores, one worker, which saves the other's start-up (importing torch, Flower,
+# torch._dynamo and scikit-learn, about 10 CPU-s) in every one of the suite's ~50
+# simulations, while the other pytest worker keeps the other core busy
+# (benchmarks/README.md, "The test suite"). MEDBLOOM_TEST_PIN=0 turns it off.
+ALL_CPUS: set[int] = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if os.environ.get("MEDBLOOM_TEST_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return
+    if not worker.startswith("gw") or count < 2 or len(ALL_CPUS) < count:
+        return
+    os.sched_setaffinity(0, sorted(ALL_CPUS)[int(worker[2:]) :: count])
+
+
+@pytest.fixture
+def all_cpus() -> Iterator[set[int]]:
+    """The test (and what it starts) runs on every CPU this suite was given, not only its
+    pytest worker's share: for tests of how medbloom spreads work over CPUs."""
+    if not ALL_CPUS:
+        yield ALL_CPUS
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CPUS)
+    try:
+        yield ALL_CPUS
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 @pytest.fixture(autouse=True)
 def _offline_flower(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")

@@ -183,7 +183,9 @@ def test_launch_three_hospitals_two_rounds(tmp_path: Path) -> None:
     _assert_nothing_left(tmp_path)
 
 
-def test_a_hospital_killed_mid_run_does_not_stop_the_federation(tmp_path: Path) -> None:
+def test_a_hospital_killed_mid_run_does_not_stop_the_federation(
+    tmp_path: Path, all_cpus: set[int]
+) -> None:
     out = tmp_path / "run"
     proc = _launch(
         tmp_path,
