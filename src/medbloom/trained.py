@@ -196,9 +196,11 @@ def load_trained(
     path = run_dir / "checkpoints" / ("best.pt" if which == "best" else "latest.pt")
     if not path.is_file():
         raise NotARun(f"{run_dir}: no checkpoints/{path.name} (the run recorded no round yet)")
-    temperature, bias = temperature_of(run_dir, which), None
+    bias: np.ndarray | None = None
     if calibration == "class-bias":
         temperature, bias = class_bias_of(run_dir, which)
+    else:
+        temperature = temperature_of(run_dir, which)
     ckpt = load_checkpoint(path)
     model = build_model(
         cfg.model, spec, pretrained=cfg.pretrained, freeze=cfg.freeze, load_weights=False,

@@ -100,9 +100,10 @@ def _scores(
     post-hoc adjustment, reversed). The global model is scored without it."""
     probs, loss = predict(model, split.x, split.y, task, device=device, amp_dtype=amp)
     if log_prior is not None and len(probs):
-        z = np.log(np.clip(probs, 1e-12, None)) + log_prior.numpy()
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        # imported here: scipy, which it pulls in, is no cost to the other strategies
+        from medbloom.calibration import calibrated, logits_of
+
+        probs = calibrated(logits_of(probs, task), 1.0, task, log_prior.numpy())
         truth = np.asarray(split.labels).reshape(-1).astype(int)
         loss = float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None)).mean())
     scores = evaluate_scores(split.labels, probs, task)
